@@ -1,0 +1,1 @@
+"""The core model: cluster rules, identity numbering, key layout and wire types. Imports nothing of ours."""

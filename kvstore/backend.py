@@ -1,0 +1,125 @@
+"""The seam between the stores and a key-value backend: a few operations with etcd's semantics.
+
+`SyncStore`, `WatchStore`, the lease manager and the heartbeat take a `Backend` and never build one: connecting is
+the caller's job (`kvstore.etcd.connect`), so tests hand them `kvstore.memory.MemoryBackend` and production hands
+them an `EtcdBackend`. Both are checked against one contract, `kvstore.testing.check_backend`.
+
+Contract, for every implementation:
+
+- revisions are etcd's: one counter for the whole store, raised by every write, a transaction being one write;
+- `list_prefix` returns a consistent snapshot (every entry at one revision) and that revision;
+- `watch(prefix, start_revision)` yields batches of `Upsert`/`Delete` in revision order starting at
+  `start_revision`, raises `RevisionCompacted` if that history is gone and `BackendUnavailable` when the
+  connection breaks; it never reconnects silently (after a break the caller must list again: the store may have
+  been wiped or restored meanwhile);
+- `commit` applies its operations in one transaction, or none of them; it is never retried by the backend, because
+  a transaction can apply and still report a failure;
+- keys written with a lease vanish when the lease is revoked or expires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import msgspec
+
+__all__ = [
+    "Backend",
+    "Delete",
+    "DeleteOp",
+    "Entry",
+    "Event",
+    "Listing",
+    "PutOp",
+    "Upsert",
+    "WriteOp",
+]
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One key as stored: its value, the revision of its last change and the lease it is attached to (0: none)."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+class Listing(msgspec.Struct, frozen=True):
+    entries: list[Entry]
+    revision: int
+
+
+class Upsert(msgspec.Struct, frozen=True, tag=True):
+    key: str
+    value: bytes
+    revision: int
+    lease: int = 0
+
+
+class Delete(msgspec.Struct, frozen=True, tag=True):
+    key: str
+    revision: int
+
+
+Event = Upsert | Delete
+
+
+class PutOp(msgspec.Struct, frozen=True):
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+class DeleteOp(msgspec.Struct, frozen=True):
+    key: str
+
+
+WriteOp = PutOp | DeleteOp
+
+
+class Backend(Protocol):
+    """What the stores need from etcd. Every method may raise `BackendUnavailable` or `PermissionDenied`."""
+
+    async def get(self, key: str) -> Entry | None:
+        """The entry at `key`, or None."""
+        ...
+
+    async def list_prefix(self, prefix: str) -> Listing:
+        """Every entry whose key starts with `prefix`, all at one revision (paged as needed)."""
+        ...
+
+    async def commit(self, ops: Sequence[WriteOp]) -> int:
+        """Apply `ops` in one transaction; return the revision it made. Deleting a missing key is not an error."""
+        ...
+
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> bool:
+        """Write `key` only if it does not exist; False if it did."""
+        ...
+
+    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
+        """Write `key` only if its last change is still `mod_revision`; False if someone changed it since."""
+        ...
+
+    async def delete_if(self, key: str, *, mod_revision: int) -> bool:
+        """Delete `key` only if its last change is still `mod_revision`."""
+        ...
+
+    def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[Event]]:
+        """Changes under `prefix` from `start_revision` on, in order, in batches (one per etcd response)."""
+        ...
+
+    async def grant_lease(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds; its ID."""
+        ...
+
+    async def keep_alive(self, lease: int) -> int:
+        """Refresh `lease` once; return its new TTL. Raises `LeaseLost` if it is gone."""
+        ...
+
+    async def revoke_lease(self, lease: int) -> None:
+        """Revoke `lease`: its keys are deleted. Revoking a lost lease is not an error."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,194 @@
+"""WatchStore: the reader of one key prefix, mirroring its valid entries into memory and telling an observer.
+
+One `run(backend)` is one session with one connection:
+
+1. (optionally) wait until the writer's synced canary exists, so a half-written prefix is never taken for the truth;
+2. list the prefix at one revision and compare with what the store holds: upserts for new or changed entries,
+   deletes for entries that did not come back. Until that list is complete, nothing is deleted: every entry held
+   from an earlier session is "stale" and only a complete list can condemn it. This is what makes a reconnect, an
+   etcd restart, a wipe-and-refill or a compaction produce exactly the difference and nothing else;
+3. set `synced`, then watch from the list's revision + 1; a compaction of that history ends in a new list (step 2,
+   same connection); a broken connection ends `run` with `BackendUnavailable`, and the caller's loop reconnects and
+   calls `run` again.
+
+A value that does not decode (or that the decoder rejects: wrong cluster, identity out of range, ...) is an error for
+its key alone: counted by reason, logged, and otherwise ignored. As in Cilium, an entry that was valid before keeps
+its last valid value. Unchanged values (an etcd restart re-lists everything) are not passed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from clustermesh.model.errors import InvalidValue
+from kvstore import errors
+from kvstore.backend import Backend, Delete, Event, Upsert
+from kvstore.metrics import KVStoreMetrics
+
+__all__ = ["Observer", "WatchStore"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+Decode = Callable[[str, bytes], T]
+
+
+class Observer(Protocol[T_contra]):
+    """Receives a WatchStore's changes, in order, synchronously (queue them if there is slow work to do)."""
+
+    def on_upsert(self, key: str, value: T_contra) -> None: ...
+
+    def on_delete(self, key: str, value: T_contra) -> None: ...
+
+
+class WatchStore(Generic[T]):
+    """Mirror of the valid entries under `prefix`. `entries` maps full keys to decoded values."""
+
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        decode: Decode[T],
+        observer: Observer[T] | None = None,
+        name: str = "",
+        synced_canary: str | None = None,
+        metrics: KVStoreMetrics | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.decode = decode
+        self.observer = observer
+        self.name = name or prefix
+        self.synced_canary = synced_canary
+        self.metrics = metrics
+        self.entries: dict[str, T] = {}
+        #: key -> reason, for keys whose current value was rejected (shown in status)
+        self.rejected: dict[str, str] = {}
+        self.rejected_total = 0
+        self.revision = 0
+        self.relists = 0
+        #: Set after the first complete list; stays set across reconnects (the view is complete, if stale).
+        self.synced = asyncio.Event()
+        #: Set while a session is past its list and watching: the view is live.
+        self.live = asyncio.Event()
+
+    # --- one session
+
+    async def run(self, backend: Backend) -> None:
+        """List and watch until the connection breaks (raises BackendUnavailable) or the task is cancelled."""
+        self.live.clear()
+        try:
+            if self.synced_canary is not None:
+                await self._wait_for_canary(backend, self.synced_canary)
+            cause = "start"
+            while True:
+                revision = await self._list(backend, cause)
+                try:
+                    await self._watch(backend, revision)
+                except errors.RevisionCompacted as exc:
+                    log.info("watch store %s: %s; listing again", self.name, exc)
+                    cause = "compacted"
+        finally:
+            self.live.clear()
+
+    async def _wait_for_canary(self, backend: Backend, key: str) -> None:
+        entry = await backend.get(key)
+        if entry is not None:
+            return
+        log.info("watch store %s: waiting for the writer's synced canary %s", self.name, key)
+        listing = await backend.list_prefix(key)  # for its revision: watch from there, and miss nothing
+        if any(e.key == key for e in listing.entries):
+            return
+        async for batch in backend.watch(key, start_revision=listing.revision + 1):
+            if any(isinstance(event, Upsert) and event.key == key for event in batch):
+                return
+
+    async def _list(self, backend: Backend, cause: str) -> int:
+        listing = await backend.list_prefix(self.prefix)
+        if self.synced.is_set():
+            self.relists += 1
+            if self.metrics is not None:
+                self.metrics.relists.labels(self.name, cause).inc()
+        seen: set[str] = set()
+        for entry in listing.entries:
+            seen.add(entry.key)
+            self._upsert(entry.key, entry.value)
+        for key in [key for key in self.entries if key not in seen]:
+            self._delete(key)
+        for key in [key for key in self.rejected if key not in seen]:
+            del self.rejected[key]
+        self.revision = listing.revision
+        self.synced.set()
+        self.live.set()
+        self._gauge()
+        return listing.revision
+
+    async def _watch(self, backend: Backend, revision: int) -> None:
+        async for batch in backend.watch(self.prefix, start_revision=revision + 1):
+            self.apply(batch)
+
+    # --- applying changes
+
+    def apply(self, batch: list[Event]) -> None:
+        for event in batch:
+            if isinstance(event, Delete):
+                self._delete(event.key)
+                self.rejected.pop(event.key, None)
+            else:
+                self._upsert(event.key, event.value)
+            self.revision = max(self.revision, event.revision)
+        self._gauge()
+
+    def _upsert(self, key: str, data: bytes) -> None:
+        try:
+            value = self.decode(key, data)
+        except InvalidValue as exc:
+            self._reject(key, exc.reason)
+            return
+        self.rejected.pop(key, None)
+        old = self.entries.get(key)
+        if old is not None and old == value:
+            return
+        self.entries[key] = value
+        if self.metrics is not None:
+            self.metrics.events.labels(self.name, "upsert").inc()
+        if self.observer is not None:
+            self.observer.on_upsert(key, value)
+
+    def _delete(self, key: str) -> None:
+        old = self.entries.pop(key, None)
+        if old is None:
+            return
+        if self.metrics is not None:
+            self.metrics.events.labels(self.name, "delete").inc()
+        if self.observer is not None:
+            self.observer.on_delete(key, old)
+
+    def _reject(self, key: str, reason: str) -> None:
+        self.rejected[key] = reason
+        self.rejected_total += 1
+        log.warning("watch store %s: rejected %s: %s", self.name, key, reason)
+        if self.metrics is not None:
+            self.metrics.rejected.labels(self.name, _reason_label(reason)).inc()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.entries.labels(self.name).set(len(self.entries))
+
+    def drain(self) -> None:
+        """Delete every entry (the cluster was removed, or its cache expired): observers see each go."""
+        for key in list(self.entries):
+            self._delete(key)
+        self.rejected.clear()
+        self.synced.clear()
+        self._gauge()
+
+
+def _reason_label(reason: str) -> str:
+    """A short metric label from a rejection reason: its first words, before any value."""
+    head = reason.split(":", 1)[0]
+    return head[:60]
