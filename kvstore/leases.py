@@ -57,6 +57,10 @@ class LeaseManager:
         """Lease ID -> number of keys on it."""
         return {lease: len(keys) for lease, keys in self._keys.items()}
 
+    def current(self, key: str) -> int | None:
+        """The lease `key` is on already, if any (no I/O: the fast path of `acquire`)."""
+        return self._lease_of.get(key)
+
     async def acquire(self, key: str) -> int:
         """The lease to write `key` with: its current one, or a slot on a lease with room."""
         lease = self._lease_of.get(key)

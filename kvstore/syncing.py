@@ -68,6 +68,8 @@ class SyncStore:
         self._desired: dict[str, bytes] = {}
         self._written: dict[str, tuple[bytes, int]] = {}  # what etcd holds for us: value and lease
         self._dirty: dict[str, None] = {}  # keys to reconcile, in arrival order
+        self._in_flight: set[str] = set()  # keys in a transaction not yet answered
+        self._more = asyncio.Event()  # set by every new wish
         self._found_at_start: set[str] | None = None
         self._owner_synced = False
         self._canary_written = False
@@ -114,6 +116,7 @@ class SyncStore:
 
     def _mark(self, key: str) -> None:
         self._dirty[key] = None
+        self._more.set()
         self._idle.clear()
         self._wake.set()
         if self.metrics is not None:
@@ -147,9 +150,19 @@ class SyncStore:
                 log.warning("sync store %s: write failed, retrying in %.1f s: %s", self.name, backoff, exc)
                 if self.metrics is not None:
                     self.metrics.errors.labels(self.name, exc.reason).inc()
+                if isinstance(exc, errors.LeaseLost) and self.leases is not None:
+                    # etcd does not say which lease it misses: ask about each, so the lost ones are replaced.
+                    await self._check_leases()
                 self._wake.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _check_leases(self) -> None:
+        assert self.leases is not None
+        try:
+            await self.leases.keep_alive_once()
+        except errors.BackendUnavailable as exc:
+            log.info("sync store %s: cannot check leases yet: %s", self.name, exc)
 
     async def _initial_list(self) -> None:
         backoff = 0.1
@@ -176,18 +189,7 @@ class SyncStore:
         return self.leases is None or self.leases.owns(written[1])
 
     async def _drain(self) -> None:
-        while self._dirty:
-            keys = list(self._dirty)[: self.batch_size * self.in_flight]
-            for key in keys:
-                del self._dirty[key]
-            try:
-                await self._write(keys)
-            except BaseException:
-                for key in keys:  # not written: keep them for the next attempt, ahead of newer wishes
-                    self._dirty[key] = None
-                raise
-            if self.metrics is not None:
-                self.metrics.sync_queue.labels(self.name).set(len(self._dirty))
+        await self._flush()
         if self._owner_synced and self._found_at_start:
             stale = [key for key in self._found_at_start if key not in self._desired and key in self._written]
             self._found_at_start = set()
@@ -195,14 +197,70 @@ class SyncStore:
                 log.info("sync store %s: deleting %d keys no longer held", self.name, len(stale))
                 for key in stale:
                     self._dirty[key] = None
-                await self._drain()
-                return
+                await self._flush()
         if self._owner_synced and not self._dirty and not self._canary_written:
             await self._write_canary()
         if not self._dirty:
             self._idle.set()
 
-    async def _write(self, keys: Sequence[str]) -> None:
+    async def _flush(self) -> None:
+        """Write every dirty key, `in_flight` transactions at a time, never one key in two transactions at once
+        (two in-flight writes of one key could land in either order)."""
+        running: dict[asyncio.Task[None], list[str]] = {}
+        failure: BaseException | None = None
+        try:
+            while True:
+                while failure is None and len(running) < self.in_flight:
+                    keys = self._take_batch()
+                    if not keys:
+                        break
+                    ops = await self._ops(keys)
+                    if ops:
+                        running[asyncio.create_task(self._commit(ops))] = keys
+                    else:
+                        self._in_flight.difference_update(keys)
+                if not running:
+                    break
+                # Wake when a transaction is answered, or when new wishes arrive that could fill a free slot.
+                self._more.clear()
+                more = asyncio.ensure_future(self._more.wait())
+                done, _ = await asyncio.wait([*running, more], return_when=asyncio.FIRST_COMPLETED)
+                more.cancel()
+                for task in [task for task in running if task in done]:
+                    keys = running.pop(task)
+                    self._in_flight.difference_update(keys)
+                    if task.exception() is not None:
+                        failure = failure or task.exception()
+                        self._requeue(keys)
+                if self.metrics is not None:
+                    self.metrics.sync_queue.labels(self.name).set(len(self._dirty))
+        finally:
+            for task, keys in running.items():  # cancelled: what is not known to be written stays dirty
+                task.cancel()
+                self._in_flight.difference_update(keys)
+                self._requeue(keys)
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        if failure is not None:
+            raise failure
+
+    def _take_batch(self) -> list[str]:
+        keys: list[str] = []
+        for key in self._dirty:
+            if key not in self._in_flight:
+                keys.append(key)
+                if len(keys) == self.batch_size:
+                    break
+        for key in keys:
+            del self._dirty[key]
+        self._in_flight.update(keys)
+        return keys
+
+    def _requeue(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._dirty[key] = None
+
+    async def _ops(self, keys: Sequence[str]) -> list[WriteOp]:
         ops: list[WriteOp] = []
         for key in keys:
             if self._up_to_date(key):
@@ -210,21 +268,16 @@ class SyncStore:
             desired = self._desired.get(key)
             if desired is None:
                 ops.append(DeleteOp(key))
-            else:
-                lease = await self.leases.acquire(key) if self.leases is not None else 0
-                ops.append(PutOp(key, desired, lease))
-        if not ops:
-            return
-        batches = [ops[i : i + self.batch_size] for i in range(0, len(ops), self.batch_size)]
-        results = await asyncio.gather(*(self.backend.commit(batch) for batch in batches), return_exceptions=True)
-        failure: BaseException | None = None
-        for batch, result in zip(batches, results, strict=True):
-            if isinstance(result, BaseException):
-                failure = failure or result
                 continue
-            self._record(batch)
-        if failure is not None:
-            raise failure
+            lease = 0
+            if self.leases is not None:
+                lease = self.leases.current(key) or await self.leases.acquire(key)
+            ops.append(PutOp(key, desired, lease))
+        return ops
+
+    async def _commit(self, ops: list[WriteOp]) -> None:
+        await self.backend.commit(ops)
+        self._record(ops)
 
     def _record(self, batch: Sequence[WriteOp]) -> None:
         for op in batch:

@@ -73,7 +73,7 @@ def remote_grants(cluster: str) -> list[tuple[str, bool, bool]]:
         (f"{keys.STATE_PREFIX}/", True, False),
         (keys.cluster_config_key(cluster), False, False),
         (f"{keys.SYNCED_PREFIX}/{cluster}/", True, False),
-        (keys.HEARTBEAT_KEY, False, False),
+        (keys.HEARTBEAT_KEY, True, False),  # as a prefix, like Cilium: a reader lists and watches it
     ]
 
 

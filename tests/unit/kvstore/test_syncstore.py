@@ -186,3 +186,40 @@ async def test_sync_store_in_use_stays_consistent_under_concurrent_wishes(backen
         assert {e.key: e.value for e in listing.entries} == store.held()
     finally:
         await _stop(task)
+
+
+class GatedBackend(MemoryBackend):
+    """The first commit waits at a gate: a transaction that takes long to be answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.first_started = asyncio.Event()
+        self._held_one = False
+
+    async def commit(self, ops):  # type: ignore[no-untyped-def]
+        if not self._held_one:
+            self._held_one = True
+            self.first_started.set()
+            await self.gate.wait()
+        return await super().commit(ops)
+
+
+async def test_a_key_is_never_in_two_transactions_at_once() -> None:
+    backend = GatedBackend()
+    store = SyncStore(backend, prefix=PREFIX, batch_size=1, in_flight=4)
+    task = asyncio.create_task(store.run())
+    try:
+        store.upsert("k", b"old")
+        await backend.first_started.wait()  # "old" is in a transaction that has not been answered
+        store.upsert("k", b"new")
+        changes = backend.watch(PREFIX + "other", start_revision=1)
+        store.upsert("other", b"x")
+        await asyncio.wait_for(anext(changes), 5)  # the pipeline goes on with other keys meanwhile
+        await changes.aclose()  # type: ignore[attr-defined]
+        assert (await backend.get(PREFIX + "k")) is None
+        backend.gate.set()
+        await store.wait_idle()
+        assert (await backend.get(PREFIX + "k")).value == b"new"  # type: ignore[union-attr]
+    finally:
+        await _stop(task)
