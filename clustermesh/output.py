@@ -19,7 +19,7 @@ __all__ = ["Format", "err", "out", "print_json", "print_table", "step"]
 
 # Not a terminal (a pipe, a CI log): do not fold tables at 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
 class Format(enum.StrEnum):
