@@ -6,18 +6,71 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+import yaml
 
 import certs
 from clustermesh import __version__, output
+from clustermesh.contexts import Context, ContextError, ContextFile, default_config_path
+from clustermesh.kubectl import ManifestError, Outcome, apply_objects, delete_objects, load_manifests
 from clustermesh.model.clusters import validate_cluster_name
 from clustermesh.model.errors import ModelError
+from clustermesh.model.kinds import Object, resolve_kind
+from kvstore import errors as kverrors
+from kvstore import etcd, users
+from resources.standalone import StandaloneStore
+from resources.store import ResourceError, ResourceStore
 
-__all__ = ["cli", "main"]
+__all__ = ["Controls", "cli", "main"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Controls:
+    """What every command may need: the config file and context, and (for tests) a store to use instead."""
+
+    config: Path = field(default_factory=default_config_path)
+    context: str | None = None
+    store: ResourceStore | None = None
+
+    def contexts(self) -> ContextFile:
+        try:
+            return ContextFile.load(self.config)
+        except ContextError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    def with_store(self, work: Callable[[ResourceStore], Coroutine[Any, Any, T]]) -> T:
+        """Connect to the context's etcd, run `work` with a standalone store over it, close."""
+        if self.store is not None:
+            return asyncio.run(work(self.store))
+        try:
+            context = self.contexts().get(self.context)
+            config = context.etcd_config(self.config.parent)
+        except (ContextError, kverrors.KVStoreError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+        async def session() -> T:
+            backend = await etcd.connect(config)
+            try:
+                return await work(StandaloneStore(backend))
+            finally:
+                await backend.close()
+
+        try:
+            return asyncio.run(session())
+        except kverrors.KVStoreError as exc:
+            raise click.ClickException(f"context {context.name}: {exc}") from None
+        except ResourceError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 def _fail(message: str) -> click.ClickException:
@@ -38,7 +91,16 @@ output_option = click.option(
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="clustermesh")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The contexts file (default: $CLUSTERMESH_CONFIG, else ~/.config/clustermesh/config.yaml).",
+)
+@click.option("--context", "context_name", default=None, help="The context to use (default: the current one).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, config_path: Path | None, context_name: str | None) -> None:
     """A multi-cluster network mesh in the spirit of Cilium ClusterMesh.
 
     Each cluster runs an etcd-backed apiserver that publishes its nodes, endpoints, identities and global
@@ -46,6 +108,163 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    controls = ctx.ensure_object(Controls)
+    if config_path is not None:
+        controls.config = config_path
+    if context_name is not None:
+        controls.context = context_name
+
+
+pass_controls = click.make_pass_decorator(Controls, ensure=True)
+
+
+# --- contexts
+
+
+@cli.group("context")
+def context_group() -> None:
+    """Named ways to reach a cluster's etcd (endpoints, CA, client certificate and key), like kubeconfig contexts."""
+
+
+@context_group.command("add")
+@click.argument("name")
+@click.option("--endpoints", required=True, multiple=True, help="etcd URL, https://HOST:PORT (repeat, or commas).")
+@click.option("--ca", required=True, help="CA file that signed etcd's server certificate.")
+@click.option("--cert", required=True, help="Client certificate (its CN is the etcd user).")
+@click.option("--key", required=True, help="The client certificate's key.")
+@pass_controls
+def context_add(controls: Controls, name: str, endpoints: tuple[str, ...], ca: str, cert: str, key: str) -> None:
+    """Add (or replace) context NAME; the first context added becomes the current one."""
+    contexts = controls.contexts()
+    urls = [url for value in endpoints for url in value.split(",") if url]
+    context = Context(name, urls, ca, cert, key)
+    try:
+        context.etcd_config(controls.config.parent)  # refuses plaintext and malformed URLs now, not at use
+    except kverrors.KVStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    contexts.add(context)
+    contexts.save()
+    output.err.print(f"context {name} saved in {contexts.path}" + (" (current)" if contexts.current == name else ""))
+
+
+@context_group.command("use")
+@click.argument("name")
+@pass_controls
+def context_use(controls: Controls, name: str) -> None:
+    """Make NAME the current context."""
+    contexts = controls.contexts()
+    try:
+        contexts.get(name)
+    except ContextError as exc:
+        raise click.ClickException(str(exc)) from None
+    contexts.current = name
+    contexts.save()
+
+
+@context_group.command("list")
+@output_option
+@pass_controls
+def context_list(controls: Controls, output_format: str) -> None:
+    """List the contexts."""
+    contexts = controls.contexts()
+    if output_format == "json":
+        output.print_json(
+            {"current": contexts.current, "contexts": {n: c.as_dict() for n, c in contexts.contexts.items()}}
+        )
+        return
+    output.print_table(
+        ["CURRENT", "NAME", "ENDPOINTS", "CERT"],
+        [
+            ("*" if n == contexts.current else "", n, ", ".join(c.endpoints), c.cert)
+            for n, c in sorted(contexts.contexts.items())
+        ],
+    )
+
+
+# --- apply, get, delete
+
+
+def _report(outcomes: list[Outcome]) -> None:
+    failed = False
+    for outcome in outcomes:
+        if outcome.action == "failed":
+            failed = True
+            output.err.print(f"[red]error:[/] {outcome.error}")
+        else:
+            output.out.print(f"{outcome.ref} {outcome.action}")
+    if failed:
+        raise SystemExit(1)
+
+
+def _manifests(files: tuple[str, ...]) -> list[tuple[Any, str]]:
+    try:
+        return load_manifests(list(files))
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command("apply")
+@click.option("-f", "--filename", "files", required=True, multiple=True, help="A file, a folder, or - for stdin.")
+@pass_controls
+def apply(controls: Controls, files: tuple[str, ...]) -> None:
+    """Create or update the objects of YAML/JSON manifests (multi-document YAML works) in the standalone store."""
+    documents = _manifests(files)
+    _report(controls.with_store(lambda store: apply_objects(store, documents)))
+
+
+@cli.command("delete")
+@click.option("-f", "--filename", "files", required=True, multiple=True, help="A file, a folder, or - for stdin.")
+@pass_controls
+def delete(controls: Controls, files: tuple[str, ...]) -> None:
+    """Delete the objects named by manifests."""
+    documents = _manifests(files)
+    _report(controls.with_store(lambda store: delete_objects(store, documents)))
+
+
+@cli.command("get")
+@click.argument("kind_name", metavar="KIND")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default=None, help="Namespace (default: default) for namespaced kinds.")
+@click.option("-A", "--all-namespaces", is_flag=True, help="Objects of every namespace.")
+@click.option("-o", "--output", "output_format", type=click.Choice(["table", "wide", "yaml", "json"]), default="table")
+@pass_controls
+def get(
+    controls: Controls, kind_name: str, name: str | None, namespace: str | None, all_namespaces: bool,
+    output_format: str,
+) -> None:  # fmt: skip
+    """Show objects of KIND (ciliumnodes, cep, svc, ...), or the one called NAME."""
+    try:
+        kind = resolve_kind(kind_name)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    scope = None if (all_namespaces or not kind.namespaced) else (namespace or "default")
+
+    async def fetch(store: ResourceStore) -> list[Object]:
+        if name is not None:
+            found = await store.get(kind, name, scope if kind.namespaced else None)
+            if found is None:
+                where = f" in namespace {scope}" if scope else ""
+                raise click.ClickException(f"{kind.plural} {name!r} not found{where}")
+            return [found]
+        items = (await store.list(kind)).items
+        return [i for i in items if scope is None or (i.get("metadata") or {}).get("namespace") == scope]
+
+    objects = controls.with_store(fetch)
+    if output_format == "json":
+        document: Any = objects[0] if name else {"apiVersion": "v1", "kind": "List", "items": objects}
+        output.print_json(document)
+    elif output_format == "yaml":
+        document = objects[0] if name else {"apiVersion": "v1", "kind": "List", "items": objects}
+        click.echo(yaml.safe_dump(document, sort_keys=False), nl=False)
+    else:
+        from clustermesh import tables
+
+        columns, rows = tables.rows(kind, objects, wide=output_format == "wide", namespaces=scope is None)
+        if not rows:
+            where = f" in namespace {scope}" if scope else ""
+            output.err.print(f"no {kind.plural} found{where}")
+            return
+        output.print_table(columns, rows)
 
 
 # --- certs
@@ -148,6 +367,47 @@ def certs_show(paths: tuple[Path, ...], output_format: str) -> None:
             for file, info in rows
         ],
     )
+
+
+# --- etcd
+
+
+@cli.group("etcd")
+def etcd_group() -> None:
+    """Set up a cluster's etcd for the mesh."""
+
+
+@etcd_group.command("init")
+@click.option("--cluster", "cluster", required=True, help="The cluster this etcd belongs to.")
+@pass_controls
+def etcd_init(controls: Controls, cluster: str) -> None:
+    """Create the users and roles of the security model and enable auth (idempotent).
+
+    Users root and admin-CLUSTER (role root), agent-CLUSTER (reads cilium/ and registry/, writes its own kinds),
+    and the read-only role remote for remote-PEER users. Run it as root (the context's certificate CN).
+    """
+    try:
+        validate_cluster_name(cluster)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        context = controls.contexts().get(controls.context)
+        config = context.etcd_config(controls.config.parent)
+    except (ContextError, kverrors.KVStoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def init() -> None:
+        backend = await etcd.connect(config)
+        try:
+            await users.ensure_cluster_users(backend, cluster)
+        finally:
+            await backend.close()
+
+    try:
+        asyncio.run(init())
+    except kverrors.KVStoreError as exc:
+        raise click.ClickException(f"context {context.name}: {exc}") from None
+    output.err.print(f"etcd of cluster {cluster}: users root, admin-{cluster}, agent-{cluster}, role remote; auth on")
 
 
 # --- demo

@@ -1,165 +1,177 @@
-"""`make demo`: a cluster's state published into a real etcd over mTLS and read back by a read-only remote user.
+"""`make demo`: two clusters, each with a real etcd (mTLS) and a real `clustermesh-apiserver` process, publish a
+small cluster applied from YAML with `clustermesh apply`; the demo shows the keys in Cilium's format, then reads
+cluster 1 the way cluster 2's agents will: as the read-only user `remote-c2`.
 
-Every step prints what it does. Everything started is stopped by its PID at the end, also on Ctrl-C or an error,
-and the temporary folder is removed unless `--workdir` was given.
+Every step prints what it does and the commands a user would type. Everything started is stopped by its PID at the
+end, also on Ctrl-C or an error; the work folder is removed unless `--workdir` was given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import certs
 from clustermesh import output
+from clustermesh.contexts import Context, ContextFile
+from clustermesh.kubectl import apply_objects, load_manifests
 from clustermesh.model import keys, wire
-from clustermesh.model.identities import identity_range
-from clustermesh.model.labels import Label, format_label_string
+from clustermesh.processes import Child
 from kvstore import errors, etcd, users
 from kvstore.config import EtcdConfig
-from kvstore.heartbeat import HeartbeatWriter
-from kvstore.leases import LeaseManager
 from kvstore.process import EtcdProcess, EtcdSpec
-from kvstore.syncing import SyncStore
 from kvstore.watching import WatchStore
+from resources.standalone import StandaloneStore
 
 __all__ = ["main"]
 
-CLUSTER = "demo1"
-CLUSTER_ID = 1
-PEER = "demo2"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BIN = Path(sys.executable).parent
 
 
-def _identity_labels(app: str, namespace: str) -> str:
-    return format_label_string(
-        [
-            Label("k8s", "app", app),
-            Label("k8s", "io.cilium.k8s.policy.cluster", CLUSTER),
-            Label("k8s", "io.kubernetes.pod.namespace", namespace),
-        ]
-    )
+@dataclass
+class DemoCluster:
+    """One cluster of the demo: its PKI, its etcd and its apiserver."""
 
+    name: str
+    id: int
+    base: Path
+    etcd: EtcdProcess | None = None
+    apiserver: Child | None = None
+    health: str = ""
+    pki: certs.ClusterPKI = field(init=False)
 
-def sample_cluster() -> dict[str, dict[str, bytes]]:
-    """A small cluster in Cilium's wire format: prefix -> {key name: value}."""
-    first = identity_range(CLUSTER_ID).allocatable_first
-    identities = {first: ("web", "default"), first + 1: ("db", "default")}
-    nodes = {}
-    for index in (1, 2):
-        node = wire.Node(
-            Name=f"node-{index}",
-            Cluster=CLUSTER,
-            IPAddresses=[
-                wire.Address(Type="InternalIP", IP=f"192.168.1.{10 + index}"),
-                wire.Address(Type="CiliumInternalIP", IP=f"10.1.{index}.1"),
-            ],
-            IPv4AllocCIDR=wire.ip_net(f"10.1.{index}.0/24"),
-            IPv4HealthIP=f"10.1.{index}.2",
-            ClusterID=CLUSTER_ID,
-            Source="custom-resource",
-            Labels={"kubernetes.io/hostname": f"node-{index}"},
-            BootID=f"00000000-0000-0000-0000-00000000000{index}",
+    def __post_init__(self) -> None:
+        self.pki = certs.create_cluster_pki(self.base / self.name / "pki", self.name, overwrite=True)
+
+    def config(self, user: str) -> EtcdConfig:
+        assert self.etcd is not None
+        paths = self.pki.user(user)
+        if not paths.cert.exists():
+            certs.issue_user(self.pki, user)
+        return EtcdConfig([self.etcd.spec.client_url], self.pki.ca.cert, paths.cert, paths.key)
+
+    def start_etcd(self) -> None:
+        data = self.base / self.name / "etcd"
+        shutil.rmtree(data, ignore_errors=True)
+        spec = EtcdSpec(
+            name=self.name,
+            data_dir=data,
+            ca_file=self.pki.ca.cert,
+            cert_file=self.pki.server.cert,
+            key_file=self.pki.server.key,
         )
-        nodes[node.key_name()] = wire.encode(node)
-    ipcache = {}
-    pods = [("web-1", 1, first), ("web-2", 2, first), ("db-1", 1, first + 1), ("db-2", 2, first + 1)]
-    for number, (pod, node_index, identity) in enumerate(pods, start=10):
-        pair = wire.make_ip_pair(
-            ip=f"10.1.{node_index}.{number}",
-            host_ip=f"192.168.1.{10 + node_index}",
-            identity=identity,
-            namespace="default",
-            pod_name=pod,
-            service_account="default",
-        )
-        ipcache[pair.key_name()] = wire.encode(pair)
-    service = wire.ClusterService(
-        cluster=CLUSTER,
-        namespace="default",
-        name="web",
-        frontends={"10.96.0.10": {"http": wire.L4Addr(Protocol="TCP", Port=80)}},
-        backends={ip: {"http": wire.L4Addr(Protocol="TCP", Port=8080)} for ip in ("10.1.1.10", "10.1.2.11")},
-        selector={"app": "web"},
-        includeExternal=True,
-        shared=True,
-        clusterID=CLUSTER_ID,
-    )
-    return {
-        keys.NODES_PREFIX: nodes,
-        keys.IPCACHE_PREFIX: ipcache,
-        keys.IDENTITIES_PREFIX: {str(i): _identity_labels(*labels).encode() for i, labels in identities.items()},
-        keys.SERVICES_PREFIX: {service.key_name(): wire.encode(service)},
-    }
+        self.etcd = EtcdProcess(spec)
+        self.etcd.start()
+
+    def start_apiserver(self) -> list[str]:
+        admin = self.config(f"admin-{self.name}")
+        command = [
+            str(BIN / "clustermesh-apiserver"),
+            "--cluster-name", self.name,
+            "--cluster-id", str(self.id),
+            "--source", "standalone",
+            "--kvstore-endpoints", admin.endpoints[0],
+            "--kvstore-ca", str(admin.ca_file),
+            "--kvstore-cert", str(admin.cert_file),
+            "--kvstore-key", str(admin.key_file),
+            "--health-address", "127.0.0.1:0",
+            "--metrics-address", "127.0.0.1:0",
+        ]  # fmt: skip
+        self.apiserver = Child(f"apiserver {self.name}", command, self.base / self.name / "apiserver.log")
+        self.apiserver.start()
+        self.health = self.apiserver.wait_for(r"health endpoint listening on http://(\S+)").group(1)
+        return command
+
+    def stop(self) -> None:
+        if self.apiserver is not None and self.apiserver.pid is not None:
+            output.step(f"stopping the apiserver of {self.name} (pid {self.apiserver.pid})")
+            self.apiserver.stop()
+        if self.etcd is not None and self.etcd.pid is not None:
+            output.step(f"stopping the etcd of {self.name} (pid {self.etcd.pid})")
+            self.etcd.stop()
 
 
-def _store_prefix(prefix: str) -> str:
-    """Where a state prefix's keys live: Cilium puts ipcache and identities one level deeper."""
-    if prefix == keys.IPCACHE_PREFIX:
-        return keys.ipcache_key_prefix()
-    if prefix == keys.IDENTITIES_PREFIX:
-        return keys.identities_key_prefix()
-    return prefix + "/"
-
-
-async def publish(config: EtcdConfig) -> list[str]:
-    """Publish the sample cluster as its apiserver would; return the keys written."""
-    backend = await etcd.connect(config)
+async def init_users(cluster: DemoCluster) -> None:
+    backend = await etcd.connect(cluster.config("root"))
     try:
-        leases = LeaseManager(backend)
-        config_value = wire.ClusterConfig(
-            id=CLUSTER_ID,
-            capabilities=wire.ClusterConfigCapabilities(
-                syncedCanaries=True, maxConnectedClusters=255, serviceExportsEnabled=False
-            ),
-        )
-        await backend.put(
-            keys.cluster_config_key(CLUSTER),
-            wire.encode(config_value),
-            lease=await leases.acquire(keys.cluster_config_key(CLUSTER)),
-        )
-        await HeartbeatWriter(backend, leases=leases).beat()
-        stores = []
-        for prefix, values in sample_cluster().items():
-            store = SyncStore(
-                backend,
-                prefix=_store_prefix(prefix),
-                synced_key=keys.synced_key(CLUSTER, prefix),
-                leases=leases,
-                name=prefix,
-            )
-            for name, value in values.items():
-                store.upsert(name, value)
-            store.mark_synced()
-            stores.append(store)
-        tasks = [asyncio.create_task(store.run()) for store in stores]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(store.synced.wait() for store in stores)), 30)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        listing = await backend.list_prefix("cilium/")
-        return [entry.key for entry in listing.entries]
+        await users.ensure_cluster_users(backend, cluster.name)
     finally:
         await backend.close()
 
 
-async def read_back(config: EtcdConfig) -> dict[str, dict[str, object]]:
-    """Read every state prefix as a remote cluster's agent would: wait for each canary, list, decode, validate."""
+async def apply(config: EtcdConfig, manifest: Path) -> list[str]:
+    backend = await etcd.connect(config)
+    try:
+        outcomes = await apply_objects(StandaloneStore(backend), load_manifests([str(manifest)]))
+    finally:
+        await backend.close()
+    return [f"{o.ref} {o.action}" + (f": {o.error}" if o.error else "") for o in outcomes]
+
+
+class Changed:
+    """An observer that only says that something changed."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def on_upsert(self, key: str, value: object) -> None:
+        self.event.set()
+
+    def on_delete(self, key: str, value: object) -> None:
+        self.event.set()
+
+
+async def wait_published(config: EtcdConfig, cluster: str, timeout: float = 30.0) -> dict[str, bytes]:
+    """Until all four synced canaries of `cluster` exist, then every key under cilium/."""
+    backend = await etcd.connect(config)
+    try:
+        canaries = [keys.synced_key(cluster, prefix) for prefix in
+                    (keys.NODES_PREFIX, keys.IPCACHE_PREFIX, keys.IDENTITIES_PREFIX, keys.SERVICES_PREFIX)]  # fmt: skip
+        changed = Changed()
+        store: WatchStore[bytes] = WatchStore(prefix="cilium/", decode=lambda k, v: v, observer=changed)
+        task = asyncio.create_task(store.run(backend))
+        try:
+            async with asyncio.timeout(timeout):
+                await store.synced.wait()
+                while not all(c in store.entries for c in canaries):
+                    changed.event.clear()
+                    await changed.event.wait()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return dict(store.entries)
+    finally:
+        await backend.close()
+
+
+def show_keys(cluster: str, entries: dict[str, bytes]) -> None:
+    rows = []
+    for key, value in sorted(entries.items()):
+        text = value.decode(errors="replace")
+        rows.append((key, text if len(text) <= 110 else text[:107] + "..."))
+    output.print_table(["KEY", "VALUE"], rows, title=f"cluster {cluster}: what its apiserver wrote in its etcd")
+
+
+async def read_as_remote(config: EtcdConfig, cluster: str) -> list[tuple[str, str, str]]:
+    """What a remote agent sees: each prefix after its canary, decoded and checked."""
     backend = await etcd.connect(config)
     decoders = {
-        keys.NODES_PREFIX: wire.decoder_for(wire.Node),
-        keys.IPCACHE_PREFIX: wire.decoder_for(wire.IPIdentityPair),
-        keys.IDENTITIES_PREFIX: lambda key, data: data.decode(),
-        keys.SERVICES_PREFIX: wire.decoder_for(wire.ClusterService),
+        keys.NODES_PREFIX: (keys.nodes_key_prefix(cluster), wire.decoder_for(wire.Node)),
+        keys.IPCACHE_PREFIX: (keys.ipcache_key_prefix(), wire.decoder_for(wire.IPIdentityPair)),
+        keys.IDENTITIES_PREFIX: (keys.identities_key_prefix(), lambda key, data: data.decode()),
+        keys.SERVICES_PREFIX: (keys.services_key_prefix(cluster), wire.decoder_for(wire.ClusterService)),
     }
-    views: dict[str, dict[str, object]] = {}
+    rows: list[tuple[str, str, str]] = []
     try:
-        for prefix, decode in decoders.items():
+        for prefix, (key_prefix, decode) in decoders.items():
             store: WatchStore[object] = WatchStore(
-                prefix=_store_prefix(prefix), decode=decode, synced_canary=keys.synced_key(CLUSTER, prefix)
+                prefix=key_prefix, decode=decode, synced_canary=keys.synced_key(cluster, prefix)
             )
             task = asyncio.create_task(store.run(backend))
             try:
@@ -167,95 +179,82 @@ async def read_back(config: EtcdConfig) -> dict[str, dict[str, object]]:
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            views[prefix] = dict(store.entries)
+            for key, value in sorted(store.entries.items()):
+                rows.append((prefix.rsplit("/", 2)[-2], key[len(key_prefix) :], _summary(value)))
         try:
-            await backend.put(keys.node_key(CLUSTER, "intruder"), b"{}")
+            await backend.put(keys.node_key(cluster, "intruder"), b"{}")
+            rows.append(("write", "refused?", "NO: the remote user could write"))
         except errors.PermissionDenied as exc:
-            views["refused"] = {"write": str(exc)}
+            rows.append(("write", keys.node_key(cluster, "intruder"), f"refused: {exc}"))
     finally:
         await backend.close()
-    return views
+    return rows
 
 
-def show(views: dict[str, dict[str, object]]) -> None:
-    nodes = [v for v in views[keys.NODES_PREFIX].values() if isinstance(v, wire.Node)]
-    output.print_table(
-        ["NODE", "CLUSTER", "ID", "INTERNAL IP", "POD CIDR"],
-        [(n.Name, n.Cluster, n.ClusterID, ", ".join(n.addresses_of("InternalIP")), n.IPv4AllocCIDR) for n in nodes],
-        title="nodes",
-    )
-    pairs = [v for v in views[keys.IPCACHE_PREFIX].values() if isinstance(v, wire.IPIdentityPair)]
-    output.print_table(
-        ["IP", "IDENTITY", "NODE", "POD"],
-        [(p.IP, p.ID, p.HostIP, f"{p.namespace}/{p.pod_name}") for p in pairs],
-        title="ipcache",
-    )
-    output.print_table(
-        ["IDENTITY", "LABELS"],
-        [(key.rsplit("/", 1)[-1], value) for key, value in views[keys.IDENTITIES_PREFIX].items()],
-        title="identities",
-    )
-    services = [v for v in views[keys.SERVICES_PREFIX].values() if isinstance(v, wire.ClusterService)]
-    output.print_table(
-        ["SERVICE", "FRONTENDS", "BACKENDS", "SHARED"],
-        [
-            (f"{s.cluster}/{s.namespace}/{s.name}", ", ".join(s.frontends or {}), ", ".join(s.backends or {}), s.shared)
-            for s in services
-        ],
-        title="global services",
-    )
+def _summary(value: object) -> str:
+    if isinstance(value, wire.Node):
+        return f"node {value.Name}: {', '.join(value.addresses_of('InternalIP'))}, pods {value.IPv4AllocCIDR}"
+    if isinstance(value, wire.IPIdentityPair):
+        return f"identity {value.ID} on {value.HostIP} ({value.namespace}/{value.pod_name})"
+    if isinstance(value, wire.ClusterService):
+        return f"frontends {', '.join(value.frontends or {})}; backends {', '.join(value.backends or {})}"
+    return str(value)
 
 
 def main(workdir: Path | None = None) -> None:
     started = time.monotonic()
     keep = workdir is not None
     base = workdir or Path(tempfile.mkdtemp(prefix="clustermesh-demo-"))
-    process: EtcdProcess | None = None
+    clusters = [DemoCluster("c1", 1, base), DemoCluster("c2", 2, base)]
+    contexts = ContextFile(base / "config.yaml")
     try:
-        output.step(f"creating the PKI of cluster {CLUSTER} in {base / 'pki'}")
-        pki = certs.create_cluster_pki(base / "pki", CLUSTER, overwrite=True)
-        certs.issue_user(pki, f"remote-{PEER}")
-        spec = EtcdSpec(
-            name=CLUSTER,
-            data_dir=base / "etcd",
-            ca_file=pki.ca.cert,
-            cert_file=pki.server.cert,
-            key_file=pki.server.key,
-        )
-        shutil.rmtree(spec.data_dir, ignore_errors=True)
-        process = EtcdProcess(spec)
-        process.start()
+        for cluster in clusters:
+            output.step(f"cluster {cluster.name} (ID {cluster.id}): PKI in {cluster.pki.directory}")
+            cluster.start_etcd()
+            assert cluster.etcd is not None
+            output.step(
+                f"etcd of {cluster.name} serving on {cluster.etcd.spec.client_url} (pid {cluster.etcd.pid}), mTLS only"
+            )
+            asyncio.run(init_users(cluster))
+            output.step(
+                f"etcd users and roles of {cluster.name}, as `clustermesh etcd init --cluster {cluster.name}` makes "
+                f"them: root, admin-{cluster.name}, agent-{cluster.name}, role remote; auth on"
+            )
+            command = cluster.start_apiserver()
+            assert cluster.apiserver is not None
+            output.step(f"$ {' '.join(Path(c).name if c.startswith('/') and 'bin' in c else c for c in command)}")
+            output.out.print(f"    pid {cluster.apiserver.pid}, health on http://{cluster.health}/readyz")
+            admin = cluster.config(f"admin-{cluster.name}")
+            contexts.add(Context(cluster.name, admin.endpoints, str(admin.ca_file), str(admin.cert_file),
+                                 str(admin.key_file)))  # fmt: skip
+        contexts.save()
+        for cluster in clusters:
+            manifest = EXAMPLES / f"cluster{cluster.id}.yaml"
+            output.step(f"$ clustermesh --config {contexts.path} --context {cluster.name} apply -f {manifest}")
+            for line in asyncio.run(apply(cluster.config(f"admin-{cluster.name}"), manifest)):
+                output.out.print(f"    {line}")
+        for cluster in clusters:
+            entries = asyncio.run(wait_published(cluster.config("root"), cluster.name))
+            show_keys(cluster.name, entries)
+        reader, target = clusters[1], clusters[0]
         output.step(
-            f"etcd is serving on {spec.client_url} (pid {process.pid}), mTLS only, client certificates required"
+            f"cluster {reader.name}'s agents will read {target.name} as remote-{reader.name} (read-only): "
+            "each prefix after its synced canary"
         )
-
-        def config(user: str) -> EtcdConfig:
-            paths = pki.user(user)
-            return EtcdConfig([spec.client_url], pki.ca.cert, paths.cert, paths.key)
-
-        async def set_up_users() -> None:
-            backend = await etcd.connect(config("root"))
-            try:
-                await users.ensure_cluster_users(backend, CLUSTER)
-                await users.ensure_remote_user(backend, CLUSTER, PEER)
-            finally:
-                await backend.close()
-
-        asyncio.run(set_up_users())
-        output.step(f"etcd users root, admin-{CLUSTER}, agent-{CLUSTER}, remote-{PEER} (read-only) created; auth on")
-        written = asyncio.run(publish(config(f"admin-{CLUSTER}")))
-        output.step(f"published cluster {CLUSTER} as admin-{CLUSTER}: {len(written)} keys")
-        for key in written:
-            output.out.print(f"    {key}")
-        output.step(f"reading it back as remote-{PEER}, as a remote agent does (waiting for each synced canary)")
-        views = asyncio.run(read_back(config(f"remote-{PEER}")))
-        show(views)
-        refused = views.get("refused", {}).get("write")
-        output.step(f"remote-{PEER} tried to write a node key and was refused: {refused}")
+        asyncio.run(_ensure_remote(target, reader.name))
+        rows = asyncio.run(read_as_remote(target.config(f"remote-{reader.name}"), target.name))
+        output.print_table(["PREFIX", "KEY", "WHAT"], rows, title=f"{target.name} as seen by {reader.name}")
     finally:
-        if process is not None and process.pid is not None:
-            output.step(f"stopping etcd (pid {process.pid})")
-            process.stop()
+        for cluster in reversed(clusters):
+            cluster.stop()
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
     output.step(f"demo done in {time.monotonic() - started:.1f} s")
+
+
+async def _ensure_remote(cluster: DemoCluster, peer: str) -> None:
+    backend = await etcd.connect(cluster.config("root"))
+    try:
+        await users.ensure_remote_user(backend, cluster.name, peer)
+    finally:
+        await backend.close()

@@ -44,6 +44,9 @@ class Entry(msgspec.Struct, frozen=True):
     value: bytes
     mod_revision: int
     lease: int = 0
+    #: How many times the key was written since it was created (1: just created).
+    version: int = 0
+    create_revision: int = 0
 
 
 class Listing(msgspec.Struct, frozen=True):
@@ -56,6 +59,9 @@ class Upsert(msgspec.Struct, frozen=True, tag=True):
     value: bytes
     revision: int
     lease: int = 0
+    #: 1 when this write created the key.
+    version: int = 0
+    create_revision: int = 0
 
 
 class Delete(msgspec.Struct, frozen=True, tag=True):
@@ -94,12 +100,13 @@ class Backend(Protocol):
         """Apply `ops` in one transaction; return the revision it made. Deleting a missing key is not an error."""
         ...
 
-    async def create(self, key: str, value: bytes, *, lease: int = 0) -> bool:
-        """Write `key` only if it does not exist; False if it did."""
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Write `key` only if it does not exist; the revision of the write, or 0 if the key existed."""
         ...
 
-    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
-        """Write `key` only if its last change is still `mod_revision`; False if someone changed it since."""
+    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> int:
+        """Write `key` only if its last change is still `mod_revision`; the revision of the write, or 0 if someone
+        changed (or deleted) it since."""
         ...
 
     async def delete_if(self, key: str, *, mod_revision: int) -> bool:

@@ -96,6 +96,10 @@ def _from_status(operation: str, user: str, code: grpc.StatusCode, details: str)
     return errors.KVStoreError(f"{operation}: etcd answered {code.name}: {details}")
 
 
+def _entry(kv: Any) -> Entry:
+    return Entry(kv.key.decode(), kv.value, kv.mod_revision, kv.lease, kv.version, kv.create_revision)
+
+
 def _resolve(endpoint: Endpoint) -> tuple[str, str]:
     """(gRPC address, family) of an endpoint; host names are resolved here because the channel takes only IPs."""
     if endpoint.is_ip:
@@ -205,7 +209,7 @@ class EtcdBackend:
         if not response.kvs:
             return None
         kv = response.kvs[0]
-        return Entry(kv.key.decode(), kv.value, kv.mod_revision, kv.lease)
+        return _entry(kv)
 
     async def list_prefix(self, prefix: str) -> Listing:
         end = prefix_range_end(prefix)
@@ -219,7 +223,7 @@ class EtcdBackend:
                 )
             if revision == 0:
                 revision = response.header.revision
-            entries.extend(Entry(kv.key.decode(), kv.value, kv.mod_revision, kv.lease) for kv in response.kvs)
+            entries.extend(_entry(kv) for kv in response.kvs)
             if not response.more or not response.kvs:
                 return Listing(entries, revision)
             start = response.kvs[-1].key + b"\x00"
@@ -253,20 +257,22 @@ class EtcdBackend:
         return await self.commit([DeleteOp(key)])
 
     async def delete_prefix(self, prefix: str) -> int:
+        # An empty prefix means every key: etcd wants the range [\0, \0) for that.
+        start, end = (prefix.encode(), prefix_range_end(prefix)) if prefix else (b"\0", b"\0")
         with _translating(f"delete {prefix}*", user=self.user):
-            response = await self._kv.delete(prefix, prefix_range_end(prefix), timeout=self.timeout)
+            response = await self._kv.delete(start, end, timeout=self.timeout)
         return int(response.deleted)
 
-    async def create(self, key: str, value: bytes, *, lease: int = 0) -> bool:
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> int:
         with _translating(f"create {key}", user=self.user):
             response = await self._kv.txn(
                 [KVService.txn_compare_create_revision(key, 0)],
                 [KVService.txn_op_put(key, value, lease=lease)],
                 timeout=self.timeout,
             )
-        return bool(response.succeeded)
+        return int(response.header.revision) if response.succeeded else 0
 
-    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
+    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> int:
         compare = pb.Compare(
             result=pb.Compare.EQUAL, target=pb.Compare.MOD, key=key.encode(), mod_revision=mod_revision
         )
@@ -274,7 +280,7 @@ class EtcdBackend:
             response = await self._kv.txn(
                 [compare], [KVService.txn_op_put(key, value, lease=lease)], timeout=self.timeout
             )
-        return bool(response.succeeded)
+        return int(response.header.revision) if response.succeeded else 0
 
     async def delete_if(self, key: str, *, mod_revision: int) -> bool:
         compare = pb.Compare(
@@ -315,7 +321,11 @@ class EtcdBackend:
                         if event.type == _DELETE:
                             batch.append(Delete(kv.key.decode(), kv.mod_revision))
                         else:
-                            batch.append(Upsert(kv.key.decode(), kv.value, kv.mod_revision, kv.lease))
+                            batch.append(
+                                Upsert(
+                                    kv.key.decode(), kv.value, kv.mod_revision, kv.lease, kv.version, kv.create_revision
+                                )
+                            )
                     yield batch
             raise errors.BackendUnavailable(f"watch {prefix}: etcd ended the stream")
         finally:

@@ -24,10 +24,19 @@ class MemoryBackend:
         self._compacted = 0
         self._leases: dict[int, set[str]] = {}
         self._next_lease = 0x1000
-        self._changed = asyncio.Condition()
+        self._condition: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._generation = 0  # raised by break_connections(): watches of an older generation fail
         self.available = True
         self.commits = 0
+
+    @property
+    def _changed(self) -> asyncio.Condition:
+        """A condition of the running loop (a CLI test runs each command in a loop of its own)."""
+        loop = asyncio.get_running_loop()
+        if self._condition is None or self._loop is not loop:
+            self._condition, self._loop = asyncio.Condition(), loop
+        return self._condition
 
     # --- test controls
 
@@ -87,10 +96,12 @@ class MemoryBackend:
                 old = self._data.get(op.key)
                 if old is not None and old.lease and old.lease != op.lease:
                     self._leases.get(old.lease, set()).discard(op.key)
-                self._data[op.key] = Entry(op.key, op.value, revision, op.lease)
+                version = old.version + 1 if old is not None else 1
+                created = old.create_revision if old is not None else revision
+                self._data[op.key] = Entry(op.key, op.value, revision, op.lease, version, created)
                 if op.lease:
                     self._leases[op.lease].add(op.key)
-                batch.append(Upsert(op.key, op.value, revision, op.lease))
+                batch.append(Upsert(op.key, op.value, revision, op.lease, version, created))
             elif op.key in self._data:
                 old = self._data.pop(op.key)
                 if old.lease:
@@ -117,20 +128,18 @@ class MemoryBackend:
     async def delete(self, key: str) -> int:
         return await self.commit([DeleteOp(key)])
 
-    async def create(self, key: str, value: bytes, *, lease: int = 0) -> bool:
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> int:
         self._check()
         if key in self._data:
-            return False
-        await self._apply([PutOp(key, value, lease)])
-        return True
+            return 0
+        return await self._apply([PutOp(key, value, lease)])
 
-    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
+    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> int:
         self._check()
         current = self._data.get(key)
         if (current.mod_revision if current else 0) != mod_revision:
-            return False
-        await self._apply([PutOp(key, value, lease)])
-        return True
+            return 0
+        return await self._apply([PutOp(key, value, lease)])
 
     async def delete_if(self, key: str, *, mod_revision: int) -> bool:
         self._check()

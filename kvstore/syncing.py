@@ -119,8 +119,6 @@ class SyncStore:
         self._more.set()
         self._idle.clear()
         self._wake.set()
-        if self.metrics is not None:
-            self.metrics.sync_queue.labels(self.name).set(len(self._dirty))
 
     def _on_lease_lost(self, keys: set[str]) -> None:
         ours = [key for key in keys if key.startswith(self.prefix) or key == self.synced_key]
@@ -143,6 +141,8 @@ class SyncStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self.metrics is not None:
+                self.metrics.sync_queue.labels(self.name).set(len(self._dirty))
             try:
                 await self._drain()
                 backoff = 0.1
@@ -224,8 +224,10 @@ class SyncStore:
                 # Wake when a transaction is answered, or when new wishes arrive that could fill a free slot.
                 self._more.clear()
                 more = asyncio.ensure_future(self._more.wait())
-                done, _ = await asyncio.wait([*running, more], return_when=asyncio.FIRST_COMPLETED)
-                more.cancel()
+                try:
+                    done, _ = await asyncio.wait([*running, more], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    more.cancel()
                 for task in [task for task in running if task in done]:
                     keys = running.pop(task)
                     self._in_flight.difference_update(keys)

@@ -84,7 +84,9 @@ async def check_snapshot_then_changes(backend: Backend, prefix: str) -> None:
     try:
         rev = await backend.commit([PutOp(f"{prefix}a", b"3"), DeleteOp(f"{prefix}b")])
         batch = await _next_batch(stream)
-        assert batch == [Upsert(f"{prefix}a", b"3", rev, 0), Delete(f"{prefix}b", rev)], batch
+        a = listing.entries[0]
+        assert batch == [Upsert(f"{prefix}a", b"3", rev, 0, 2, a.create_revision), Delete(f"{prefix}b", rev)], batch
+        assert a.version == 1 and a.create_revision == a.mod_revision
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
 
@@ -96,7 +98,9 @@ async def check_delete_unknown_key(backend: Backend, prefix: str) -> None:
         await backend.commit([DeleteOp(f"{prefix}never-existed")])
         rev = await backend.commit([PutOp(f"{prefix}marker", b"m")])
         batch = await _next_batch(stream)
-        assert batch == [Upsert(f"{prefix}marker", b"m", rev, 0)], f"a delete of a missing key was seen: {batch}"
+        assert batch == [Upsert(f"{prefix}marker", b"m", rev, 0, 1, rev)], (
+            f"a delete of a missing key was seen: {batch}"
+        )
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
 
@@ -136,14 +140,16 @@ async def check_lost_lease_deletes_keys(backend: Backend, prefix: str) -> None:
 
 async def check_conditional_writes(backend: Backend, prefix: str) -> None:
     key = f"{prefix}cas"
-    assert await backend.create(key, b"1")
-    assert not await backend.create(key, b"2")
+    created = await backend.create(key, b"1")
+    assert created > 0
+    assert await backend.create(key, b"2") == 0
     entry = await backend.get(key)
-    assert entry is not None and entry.value == b"1"
-    assert not await backend.replace(key, b"x", mod_revision=entry.mod_revision - 1)
-    assert await backend.replace(key, b"3", mod_revision=entry.mod_revision)
+    assert entry is not None and entry.value == b"1" and entry.mod_revision == created
+    assert await backend.replace(key, b"x", mod_revision=entry.mod_revision - 1) == 0
+    replaced = await backend.replace(key, b"3", mod_revision=entry.mod_revision)
+    assert replaced > created
     entry = await backend.get(key)
-    assert entry is not None and entry.value == b"3"
+    assert entry is not None and entry.value == b"3" and entry.mod_revision == replaced and entry.version == 2
     assert not await backend.delete_if(key, mod_revision=entry.mod_revision + 100)
     assert await backend.delete_if(key, mod_revision=entry.mod_revision)
     assert await backend.get(key) is None

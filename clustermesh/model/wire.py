@@ -22,6 +22,7 @@ from typing import Annotated, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
+from clustermesh.model.addresses import ip_version
 from clustermesh.model.errors import InvalidValue
 
 __all__ = [
@@ -51,10 +52,8 @@ UInt32 = Annotated[int, Meta(ge=0, le=0xFFFF_FFFF)]
 def _check_ip(value: str, what: str, *, allow_empty: bool = True) -> None:
     if not value and allow_empty:
         return
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(f"{what} {value!r} is not an IP address") from None
+    if not ip_version(value):
+        raise ValueError(f"{what} {value!r} is not an IP address")
 
 
 # --- Node: cilium/state/nodes/v1/<cluster>/<name>

@@ -1,0 +1,1 @@
+"""ResourceStores: Kubernetes-shaped objects in etcd (standalone) or in a Kubernetes API server."""
