@@ -76,6 +76,8 @@ class SyncStore:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Set once the prefix was listed at start (what a previous run left is known).
+        self.listed = asyncio.Event()
         #: Set once the initial sync is complete and the canary is written.
         self.synced = asyncio.Event()
         self.writes = 0
@@ -96,7 +98,11 @@ class SyncStore:
 
     def delete(self, name: str) -> None:
         key = self.prefix + name
-        if self._desired.pop(key, None) is None and key not in self._written:
+        # A key never upserted by this run: before the owner's initial sync is complete, a key a previous run left
+        # is not ours to delete yet: the owner may still upsert it (its sources list in any order), and the
+        # clean-up after mark_synced() deletes it if not. Deleting it now would flap it for readers.
+        never_upserted = self._desired.pop(key, None) is None
+        if never_upserted and (not self._owner_synced or key not in self._written):
             return
         self._mark(key)
 
@@ -177,6 +183,7 @@ class SyncStore:
         self._found_at_start = {entry.key for entry in listing.entries}
         for entry in listing.entries:
             self._written[entry.key] = (entry.value, entry.lease)
+        self.listed.set()
         self._wake.set()
 
     def _up_to_date(self, key: str) -> bool:

@@ -223,3 +223,34 @@ async def test_a_key_is_never_in_two_transactions_at_once() -> None:
         assert (await backend.get(PREFIX + "k")).value == b"new"  # type: ignore[union-attr]
     finally:
         await _stop(task)
+
+
+async def test_before_the_initial_sync_a_delete_never_removes_what_a_previous_run_left(
+    backend: MemoryBackend,
+) -> None:
+    """The owner's sources list in any order: a 'delete' before a later 'upsert' must not flap the key."""
+    await backend.commit([PutOp(PREFIX + "svc", b"v"), PutOp(PREFIX + "stale", b"s")])
+    store = SyncStore(backend, prefix=PREFIX, synced_key=CANARY)
+    task = await _running(store)
+    try:
+        changes = backend.watch(PREFIX, start_revision=(await backend.list_prefix(PREFIX)).revision + 1)
+        await store.listed.wait()
+        store.delete("svc")  # e.g. an EndpointSlice listed before its Service
+        await store.wait_idle()
+        store.upsert("svc", b"v")
+        store.upsert("new", b"n")
+        store.delete("new")  # upserted by this run, then deleted: a real delete
+        store.mark_synced()
+        await asyncio.wait_for(store.synced.wait(), 5)
+        events = []
+        while True:
+            batch = await asyncio.wait_for(anext(changes), 5)
+            events.extend((type(e).__name__, e.key) for e in batch)
+            if any(e[1] == PREFIX + "stale" for e in events):
+                break
+        await changes.aclose()  # type: ignore[attr-defined]
+        assert ("Delete", PREFIX + "svc") not in events
+        assert ("Delete", PREFIX + "stale") in events
+        assert sorted(backend.keys()) == sorted([CANARY, PREFIX + "svc"])
+    finally:
+        await _stop(task)
