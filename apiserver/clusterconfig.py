@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from apiserver.converters import cluster_config
 from clustermesh.model import keys, wire
 from clustermesh.model.clusters import ClusterInfo
+from clustermesh.model.converters import cluster_config
 from kvstore import errors
 from kvstore.backend import Backend, PutOp, Upsert
 from kvstore.leases import LeaseManager

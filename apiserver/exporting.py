@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter
 
-from apiserver import converters
-from clustermesh.model import wire
+from clustermesh.model import converters, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.kinds import Kind, Object
 from kvstore.syncing import SyncStore

@@ -24,12 +24,12 @@ from prometheus_client import CollectorRegistry, Counter
 from apiserver.server import Apiserver, ApiserverConfig
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
-from daemon.http import HttpEndpoint, Response, metrics_route, parse_address
+from daemon.http import HttpEndpoint, Response, metrics_route, parse_address, text_route
 from kvstore import errors, etcd
 from kvstore.backend import Backend
 from kvstore.config import EtcdConfig
 from kvstore.leases import DEFAULT_TTL
-from kvstore.reconnecting import Backoff
+from kvstore.reconnecting import connect_until_up
 from resources.standalone import StandaloneStore
 from resources.store import ResourceStore
 
@@ -49,18 +49,6 @@ class Phase:
         if self.apiserver is not None:
             return self.apiserver.readyz()
         return 503, "text/plain", f"not ready:\n- {self.reason}\n".encode()
-
-
-async def connect_until_up(config: EtcdConfig, phase: Phase, failures: Counter) -> Backend:
-    backoff = Backoff(initial=0.2, maximum=5.0)
-    while True:
-        try:
-            return await etcd.connect(config)
-        except errors.KVStoreError as exc:
-            phase.reason = f"cannot connect to etcd at {config.describe()}: {exc}"
-            failures.labels(exc.reason).inc()
-            log.warning("%s", phase.reason)
-        await asyncio.sleep(backoff.next())
 
 
 def make_resource_store(source: str, backend: Backend, kubeconfig: str | None, context: str | None) -> ResourceStore:
@@ -84,7 +72,7 @@ async def run(options: dict[str, Any]) -> None:
     )
     phase = Phase()
     health = HttpEndpoint(*options["health"])
-    health.routes = {"/healthz": lambda: (200, "text/plain", b"ok\n"), "/readyz": phase.readyz}
+    health.routes = {"/healthz": text_route(lambda: (200, "text/plain", b"ok\n")), "/readyz": text_route(phase.readyz)}
     metrics = HttpEndpoint(*options["metrics"])
     metrics.routes = {"/metrics": metrics_route(registry)}
     await health.start()
@@ -94,7 +82,14 @@ async def run(options: dict[str, Any]) -> None:
     backend: Backend | None = None
     try:
         phase.reason = "connecting to etcd"
-        backend = await connect_until_up(options["etcd"], phase, failures)
+        config: EtcdConfig = options["etcd"]
+
+        def failed(exc: errors.KVStoreError) -> None:
+            phase.reason = f"cannot connect to etcd at {config.describe()}: {exc}"
+            failures.labels(exc.reason).inc()
+            log.warning("%s", phase.reason)
+
+        backend = await connect_until_up(lambda: etcd.connect(config), on_failure=failed)
         log.info("connected to etcd at %s", options["etcd"].describe())
         resources = make_resource_store(options["source"], backend, options["kubeconfig"], options["kube_context"])
         apiserver = Apiserver(

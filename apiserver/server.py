@@ -28,7 +28,7 @@ from apiserver.exporting import Exporter, StateStores
 from clustermesh.model import keys
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.kinds import kind_by_name
-from daemon.http import Response, metrics_route
+from daemon.http import Response, Route, metrics_route, text_route
 from kvstore.backend import Backend
 from kvstore.heartbeat import HeartbeatWriter
 from kvstore.leases import DEFAULT_TTL, LeaseManager
@@ -168,5 +168,9 @@ class Apiserver:
             return 503, "text/plain", ("not ready:\n" + "\n".join(f"- {r}" for r in reasons) + "\n").encode()
         return 200, "text/plain", b"ready\n"
 
-    def http_routes(self) -> dict[str, Callable[[], Response]]:
-        return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": metrics_route(self.registry)}
+    def http_routes(self) -> dict[str, Route]:
+        return {
+            "/healthz": text_route(self.healthz),
+            "/readyz": text_route(self.readyz),
+            "/metrics": metrics_route(self.registry),
+        }

@@ -33,10 +33,10 @@ import time
 import msgspec
 
 import certs
-from apiserver.converters import cilium_endpoint_to_ip_pairs
 from apiserver.server import Apiserver, ApiserverConfig
 from clustermesh.model import keys, wire
 from clustermesh.model.clusters import ClusterInfo
+from clustermesh.model.converters import cilium_endpoint_to_ip_pairs
 from clustermesh.model.kinds import Object, kind_by_name
 from kvstore import etcd
 from kvstore.backend import PutOp

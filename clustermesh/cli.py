@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,6 +409,106 @@ def etcd_init(controls: Controls, cluster: str) -> None:
     except kverrors.KVStoreError as exc:
         raise click.ClickException(f"context {context.name}: {exc}") from None
     output.err.print(f"etcd of cluster {cluster}: users root, admin-{cluster}, agent-{cluster}, role remote; auth on")
+
+
+# --- connect, disconnect, status
+
+
+def _sides_and(controls: Controls, destination: str, pki: tuple[Path | None, Path | None], work: Any) -> list[str]:
+    from clustermesh import connecting
+
+    contexts = controls.contexts()
+    try:
+        source_context = contexts.get(controls.context)
+        destination_context = contexts.get(destination)
+    except ContextError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def run() -> list[str]:
+        a = await connecting.open_side(source_context, controls.config.parent, pki[0])
+        try:
+            b = await connecting.open_side(destination_context, controls.config.parent, pki[1])
+            try:
+                result: list[str] = await work(a, b)
+                return result
+            finally:
+                await b.backend.close()
+        finally:
+            await a.backend.close()
+
+    try:
+        return asyncio.run(run())
+    except (connecting.ConnectError, kverrors.KVStoreError, ResourceError, ContextError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command("connect")
+@click.option("--destination-context", "destinations", required=True, multiple=True,
+              help="The context of the cluster to connect to (repeat to connect to several).")  # fmt: skip
+@click.option("--allow-mismatching-ca", is_flag=True, help="The clusters' CAs differ: hand each a bundle of both.")
+@click.option("--pki", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The PKI folder of --context's cluster (default: the folder of its CA file).")  # fmt: skip
+@click.option("--destination-pki", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The PKI folder of the destination cluster (default: the folder of its CA file).")  # fmt: skip
+@pass_controls
+def connect(controls: Controls, destinations: tuple[str, ...], allow_mismatching_ca: bool, pki: Path | None,
+            destination_pki: Path | None) -> None:  # fmt: skip
+    """Connect the cluster of --context with each destination, both ways, after checking they can be connected.
+
+    Checks first (both reachable, distinct names and IDs, the same maxConnectedClusters, the CAs) and writes nothing
+    on either side if one fails. Then creates the read-only user remote-PEER on each side, issues its certificate,
+    and stores the other side's access in each cluster's store, where its agents pick it up.
+    """
+    from clustermesh import connecting
+
+    for destination in destinations:
+        lines = _sides_and(
+            controls,
+            destination,
+            (pki, destination_pki),
+            lambda a, b: connecting.connect_clusters(a, b, allow_mismatching_ca=allow_mismatching_ca),
+        )
+        for line in lines:
+            output.out.print(line)
+
+
+@cli.command("disconnect")
+@click.option("--destination-context", "destinations", required=True, multiple=True)
+@pass_controls
+def disconnect(controls: Controls, destinations: tuple[str, ...]) -> None:
+    """Part the cluster of --context from each destination: remove both sides' access and remote users."""
+    from clustermesh import connecting
+
+    for destination in destinations:
+        for line in _sides_and(controls, destination, (None, None), connecting.disconnect_clusters):
+            output.out.print(line)
+
+
+@cli.command("status")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=lambda: os.environ.get("CLUSTERMESH_AGENT_SOCKET", "/run/clustermesh/agent.sock"),
+              show_default="$CLUSTERMESH_AGENT_SOCKET or /run/clustermesh/agent.sock",
+              help="The agent's unix socket.")  # fmt: skip
+@click.option("--wait", is_flag=True, help="Wait until every cluster is ready (exit 1 if not by --timeout).")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@output_option
+def status(socket_path: Path, wait: bool, timeout: float, output_format: str) -> None:
+    """Show, per cluster: connected, synced, counts, reconnections, last error, and whether the mesh is ready.
+
+    Exits 0 when ready, 1 when not (so scripts can wait with --wait), 2 when no agent answers.
+    """
+    from clustermesh.status import AgentUnreachable, fetch_status, render_status
+
+    try:
+        document = asyncio.run(fetch_status(socket_path, wait=timeout if wait else None))
+    except AgentUnreachable as exc:
+        output.err.print(f"[red]error:[/] {exc}")
+        raise SystemExit(2) from None
+    if output_format == "json":
+        output.print_json(document)
+    else:
+        render_status(document)
+    raise SystemExit(0 if document["ready"] else 1)
 
 
 # --- demo

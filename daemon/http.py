@@ -1,25 +1,47 @@
-"""A tiny HTTP/1.1 server for /healthz, /readyz and /metrics, on asyncio streams (no web framework needed).
+"""A tiny HTTP/1.1 server on asyncio streams, on TCP (health, metrics) or a unix socket (the agent's local API).
 
-Port 0 picks a free port; `Endpoint.address` tells which after `start()`. Each route is a callable returning
-(status, content type, body); a route that raises answers 500 with the error, and the server keeps serving.
+No web framework: each route is an async callable taking a `Request` and returning (status, content type, body).
+A route that raises answers 500 with the error, and the server keeps serving. Port 0 picks a free port; the
+address is known after `start()`. A unix socket is created with mode 0660 (its folder is created if needed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["HttpEndpoint", "Response", "metrics_route", "parse_address"]
+__all__ = ["HttpEndpoint", "Request", "Response", "json_response", "metrics_route", "parse_address", "text_route"]
 
 log = logging.getLogger(__name__)
 
 Response = tuple[int, str, bytes]
-Route = Callable[[], Response]
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error", 503: "Unavailable"}
+Route = Callable[["Request"], Awaitable[Response]]
+_REASONS = {
+    200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    409: "Conflict", 422: "Unprocessable Entity", 500: "Internal Server Error", 503: "Service Unavailable",
+}  # fmt: skip
+MAX_BODY = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -30,22 +52,45 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def json_response(status: int, document: Any) -> Response:
+    return status, "application/json", json.dumps(document, default=str).encode() + b"\n"
+
+
+def text_route(produce: Callable[[], Response]) -> Route:
+    """A route from a plain function of no arguments (health checks)."""
+
+    async def route(request: Request) -> Response:
+        return produce()
+
+    return route
+
+
 def metrics_route(registry: CollectorRegistry) -> Route:
-    return lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry))
+    return text_route(lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)))
 
 
 @dataclass
 class HttpEndpoint:
-    host: str
-    port: int
+    """Serve `routes` ({"METHOD /path" or "/path" (GET): route}) on host:port, or on `unix_path`."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
     routes: dict[str, Route] = field(default_factory=dict)
+    unix_path: Path | None = None
     server: asyncio.Server | None = None
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return str(self.unix_path) if self.unix_path is not None else f"{self.host}:{self.port}"
 
     async def start(self) -> None:
+        if self.unix_path is not None:
+            self.unix_path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.unix_path.unlink()  # a stale socket of a previous run
+            self.server = await asyncio.start_unix_server(self._serve, str(self.unix_path))
+            os.chmod(self.unix_path, 0o660)
+            return
         self.server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = int(self.server.sockets[0].getsockname()[1])
 
@@ -53,17 +98,19 @@ class HttpEndpoint:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+            self.server = None
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.unix_path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)).strip():
-                pass  # headers: not needed
-            parts = request.decode("latin-1").split()
-            status, content_type, body = self._answer(parts)
-            reason = _REASONS.get(status, "")
+            request = await asyncio.wait_for(self._read(reader), 10)
+            status, content_type, body = (
+                (400, "text/plain", b"bad request\n") if request is None else await self._answer(request)
+            )
             head = (
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + body)
@@ -73,17 +120,40 @@ class HttpEndpoint:
         finally:
             writer.close()
 
-    def _answer(self, parts: list[str]) -> Response:
-        if len(parts) < 2:
-            return 405, "text/plain", b"bad request\n"
-        method, path = parts[0], parts[1].split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"only GET\n"
-        route = self.routes.get(path)
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader) -> Request | None:
+        parts = (await reader.readline()).decode("latin-1").split()
+        length = 0
+        while line := (await reader.readline()).strip():
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip() or 0)
+        if len(parts) < 2 or length > MAX_BODY:
+            return None
+        body = await reader.readexactly(length) if length else b""
+        url = urlsplit(parts[1])
+        query = {key: values[-1] for key, values in parse_qs(url.query).items()}
+        return Request(parts[0].upper(), url.path, query, body)
+
+    async def _answer(self, request: Request) -> Response:
+        route = self.routes.get(f"{request.method} {request.path}")
+        if route is None and request.method in ("GET", "HEAD"):
+            route = self.routes.get(request.path)
         if route is None:
-            return 404, "text/plain", f"no route {path}; try {', '.join(sorted(self.routes))}\n".encode()
+            route = self._prefix_route(request)
+        if route is None:
+            known = ", ".join(sorted(self.routes))
+            return 404, "text/plain", f"no route {request.method} {request.path}; known: {known}\n".encode()
         try:
-            return route()
+            return await route(request)
         except Exception as exc:  # a broken route must not take the server down
-            log.exception("route %s failed", path)
+            log.exception("route %s %s failed", request.method, request.path)
             return 500, "text/plain", f"{type(exc).__name__}: {exc}\n".encode()
+
+    def _prefix_route(self, request: Request) -> Route | None:
+        """Routes ending with '/*' match every path below them (REST resources by name)."""
+        for pattern, route in self.routes.items():
+            method, _, path = pattern.rpartition(" ")
+            if path.endswith("/*") and request.path.startswith(path[:-1]) and method in ("", request.method):
+                return route
+        return None

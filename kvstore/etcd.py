@@ -83,7 +83,15 @@ def _permission_error(operation: str, user: str, details: str) -> errors.Permiss
 
 
 def _from_status(operation: str, user: str, code: grpc.StatusCode, details: str) -> errors.KVStoreError:
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+    # INTERNAL is what a stream gets when etcd goes away under it ("Stream removed", RST_STREAM): a broken
+    # connection like UNAVAILABLE, to be retried, not a bug to crash on.
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    ):
         return errors.BackendUnavailable(f"{operation}: etcd is unavailable: {details or code.name}")
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         return _permission_error(operation, user, details)
@@ -301,9 +309,11 @@ class EtcdBackend:
             key=prefix.encode(), range_end=prefix_range_end(prefix), start_revision=start_revision
         )
 
+        finished = asyncio.Event()
+
         async def requests() -> AsyncIterator[Any]:
             yield pb.WatchRequest(create_request=create)
-            await asyncio.Event().wait()  # keep our side of the stream open
+            await finished.wait()  # keep our side of the stream open until the watch ends
 
         call = self._watch_stub.Watch(requests())
         try:
@@ -329,6 +339,7 @@ class EtcdBackend:
                     yield batch
             raise errors.BackendUnavailable(f"watch {prefix}: etcd ended the stream")
         finally:
+            finished.set()  # ends gRPC's task that feeds our requests into the stream
             call.cancel()
 
     def _raise_cancelled(self, prefix: str, reason: str) -> NoReturn:

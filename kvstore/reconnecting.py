@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from kvstore import errors
 from kvstore.backend import Backend
 
-__all__ = ["Backoff", "run_reconnecting"]
+__all__ = ["Backoff", "connect_until_up", "run_reconnecting"]
 
 log = logging.getLogger(__name__)
 
@@ -68,4 +68,21 @@ async def run_reconnecting(
                 on_failure(exc)
         finally:
             await backend.close()
+        await asyncio.sleep(backoff.next())
+
+
+async def connect_until_up(
+    connect: Callable[[], Awaitable[Backend]],
+    *,
+    on_failure: Callable[[errors.KVStoreError], None] | None = None,
+    backoff: Backoff | None = None,
+) -> Backend:
+    """Connect, retrying with backoff until it works; every failure is reported (status, metrics, log)."""
+    backoff = backoff or Backoff(initial=0.2, maximum=5.0)
+    while True:
+        try:
+            return await connect()
+        except errors.KVStoreError as exc:
+            if on_failure is not None:
+                on_failure(exc)
         await asyncio.sleep(backoff.next())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -58,6 +59,7 @@ class WatchStore(Generic[T]):
         name: str = "",
         synced_canary: str | None = None,
         metrics: KVStoreMetrics | None = None,
+        on_batch: Callable[[float], None] | None = None,
     ) -> None:
         self.prefix = prefix
         self.decode = decode
@@ -65,6 +67,8 @@ class WatchStore(Generic[T]):
         self.name = name or prefix
         self.synced_canary = synced_canary
         self.metrics = metrics
+        #: Called with the seconds each watched batch took to apply (observers included).
+        self.on_batch = on_batch
         self.entries: dict[str, T] = {}
         #: key -> reason, for keys whose current value was rejected (shown in status)
         self.rejected: dict[str, str] = {}
@@ -129,7 +133,10 @@ class WatchStore(Generic[T]):
 
     async def _watch(self, backend: Backend, revision: int) -> None:
         async for batch in backend.watch(self.prefix, start_revision=revision + 1):
+            started = time.perf_counter()
             self.apply(batch)
+            if self.on_batch is not None:
+                self.on_batch(time.perf_counter() - started)
 
     # --- applying changes
 

@@ -14,10 +14,9 @@ Checks that need context (does this node belong to the cluster it came from?) ar
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
@@ -294,9 +293,14 @@ def encode(value: Struct) -> bytes:
 T = TypeVar("T", bound=Struct)
 
 
-@functools.cache
+_DECODERS: dict[type[Any], Callable[[str, bytes], Any]] = {}
+
+
 def decoder_for(kind: type[T]) -> Callable[[str, bytes], T]:
     """A decoding function for `kind` (built once) that raises InvalidValue(key, reason) on any bad value."""
+    cached: Callable[[str, bytes], T] | None = _DECODERS.get(kind)
+    if cached is not None:
+        return cached
     typed: msgspec.json.Decoder[T] = msgspec.json.Decoder(kind)
     name = kind.__name__
 
@@ -309,6 +313,7 @@ def decoder_for(kind: type[T]) -> Callable[[str, bytes], T]:
             raise InvalidValue(key, f"malformed JSON: {exc}") from None
         return value
 
+    _DECODERS[kind] = decode_value
     return decode_value
 
 

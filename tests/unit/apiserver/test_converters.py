@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from apiserver import converters
-from clustermesh.model import wire
+from clustermesh.model import converters, wire
 from clustermesh.model.clusters import ClusterInfo
 
 CLUSTER = ClusterInfo("c1", 1)

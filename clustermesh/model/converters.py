@@ -2,7 +2,8 @@
 
 Each function takes Kubernetes-shaped objects and returns what Cilium's clustermesh-apiserver would write, byte for
 byte once encoded (`clustermesh.model.wire.encode`), or None when the object is not exported. Nothing here does I/O;
-`apiserver.exporting` decides when to call them and what to do with the result.
+`apiserver.exporting` decides when to call them and what to do with the result. They are in the core model because
+agents use them too (a node's own services, before they are in etcd).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "is_global_namespace",
     "is_global_service",
     "is_shared_service",
+    "service_frontends",
     "service_to_cluster_service",
 ]
 
@@ -224,6 +226,19 @@ def slice_belongs_to(endpoint_slice: Object, namespace: str, name: str) -> bool:
     )
 
 
+def service_frontends(service: Object) -> dict[str, dict[str, wire.L4Addr | None]]:
+    """ClusterIP -> port name -> protocol and port, for a service that is not headless."""
+    if _is_headless(service):
+        return {}
+    spec = service.get("spec") or {}
+    port_config = _port_configuration(spec.get("ports") or [])
+    return {
+        str(ip): port_config
+        for ip in spec.get("clusterIPs") or [spec.get("clusterIP")]
+        if ip and str(ip).lower() != "none"
+    }
+
+
 def service_to_cluster_service(
     service: Object, endpoint_slices: Iterable[Object], cluster: ClusterInfo
 ) -> wire.ClusterService | None:
@@ -233,13 +248,7 @@ def service_to_cluster_service(
         return None
     metadata = _metadata(service)
     spec = service.get("spec") or {}
-    frontends: dict[str, dict[str, wire.L4Addr | None]] = {}
-    if not _is_headless(service):
-        port_config = _port_configuration(spec.get("ports") or [])
-        cluster_ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
-        for ip in cluster_ips:
-            if ip and str(ip).lower() != "none":
-                frontends[str(ip)] = port_config
+    frontends = service_frontends(service)
     backends: dict[str, dict[str, wire.L4Addr | None]] = {}
     hostnames: dict[str, str] = {}
     zones: dict[str, wire.BackendZone] = {}

@@ -1,0 +1,91 @@
+"""The clustermesh config directory: one file per remote cluster, in Cilium's format, watched for changes.
+
+A file counts when it is a regular file (or a symlink to one, as Kubernetes mounts secrets) whose name is a valid
+cluster name and whose content mentions `endpoints:` (Cilium's rule: certificate and key files live beside the
+configs in the same folder). Its name is the cluster's name. The folder is scanned every `interval` seconds and
+each file fingerprinted by its content: a file added, changed or removed is reported as such, so the agent
+connects, reconnects or disconnects that cluster without a restart. A file that cannot be read is reported once
+with the reason and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clustermesh.model.clusters import validate_cluster_name
+from clustermesh.model.errors import ModelError
+
+__all__ = ["ConfigDir", "ConfigEvent"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConfigEvent:
+    action: str  # added, changed, removed
+    name: str
+    path: Path
+
+
+@dataclass
+class ConfigDir:
+    path: Path
+    on_event: Callable[[ConfigEvent], None]
+    interval: float = 1.0
+    ignore: set[str] = field(default_factory=set)  # e.g. the local cluster's name
+    _seen: dict[str, str] = field(default_factory=dict)  # name -> content digest
+    problems: dict[str, str] = field(default_factory=dict)  # file name -> why it is not used
+
+    def scan(self) -> list[ConfigEvent]:
+        """Compare the folder with the last scan; report and return the differences."""
+        found: dict[str, str] = {}
+        problems: dict[str, str] = {}
+        try:
+            entries = sorted(self.path.iterdir()) if self.path.is_dir() else []
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.path, exc)
+            entries = []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            try:
+                content = entry.read_bytes()
+            except OSError as exc:
+                problems[entry.name] = f"cannot read: {exc.strerror}"
+                continue
+            if b"endpoints:" not in content:
+                continue  # a certificate, a key, or something else that lives here
+            try:
+                validate_cluster_name(entry.name)
+            except ModelError as exc:
+                problems[entry.name] = str(exc)
+                continue
+            if entry.name in self.ignore:
+                problems[entry.name] = "named after the local cluster: ignored"
+                continue
+            found[entry.name] = hashlib.sha256(content).hexdigest()
+        for name, reason in problems.items():
+            if self.problems.get(name) != reason:
+                log.warning("clustermesh config %s/%s not used: %s", self.path, name, reason)
+        self.problems = problems
+        events = [ConfigEvent("removed", n, self.path / n) for n in sorted(self._seen.keys() - found.keys())]
+        for name, digest in sorted(found.items()):
+            if name not in self._seen:
+                events.append(ConfigEvent("added", name, self.path / name))
+            elif self._seen[name] != digest:
+                events.append(ConfigEvent("changed", name, self.path / name))
+        self._seen = found
+        for event in events:
+            log.info("clustermesh config: %s %s", event.name, event.action)
+            self.on_event(event)
+        return events
+
+    async def run(self) -> None:
+        while True:
+            self.scan()
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,451 @@
+"""Security identities of one cluster: allocating them for label sets, and collecting the ones nobody uses.
+
+An endpoint's identity is a number for its set of security labels (its Kubernetes labels, its namespace and its
+cluster), kept as a CiliumIdentity object in the cluster's ResourceStore: `metadata.name` is the number, the
+`security-labels` map is the label set. Every agent of the cluster allocates from the same range (the cluster's,
+`clustermesh.model.identities`), with nothing but the store's `create` to coordinate them, as Cilium does in CRD mode:
+
+- an identity that already carries the labels is reused;
+- otherwise the agent creates the lowest free number; `AlreadyExists` means another agent took it first: if that
+  one has the same labels it is ours too, else the next free number is tried;
+- two agents may still create two numbers for one label set at the same time. After creating, the agent lists
+  again, and of all the identities with these labels the OLDEST (lowest creation revision, then lowest number)
+  wins; a loser deletes its own. The oldest is the only rule that every agent can agree on without talking: an
+  identity created earlier is always visible to a later list, and none is ever created earlier afterwards. "Lowest
+  number wins" is not safe: a loser's deletion frees a low number, and a third creation can take it after an agent
+  already returned a higher one.
+
+Identities are never released by the agent that allocated them; the `IdentityCollector` deletes those that no
+CiliumEndpoint of the cluster has referenced for a grace period, as Cilium's operator does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter
+
+from clustermesh.model.clusters import ClusterInfo
+from clustermesh.model.identities import IdentityRange, identity_range
+from clustermesh.model.kinds import Kind, Object, kind_by_name
+from clustermesh.model.labels import (
+    CLUSTER_LABEL,
+    NAMESPACE_LABEL,
+    SOURCE_K8S,
+    format_label_string,
+    labels_from_security_map,
+)
+from resources.informing import Informer, Ref, object_ref
+from resources.store import AlreadyExists, Conflict, NotFound, ResourceStore, Unavailable
+
+__all__ = [
+    "CILIUM_ENDPOINT",
+    "CILIUM_IDENTITY",
+    "DEFAULT_GC_GRACE_PERIOD",
+    "DEFAULT_GC_INTERVAL",
+    "IdentityAllocator",
+    "IdentityCollector",
+    "IdentityIndex",
+    "IdentityRangeExhausted",
+    "Outcome",
+    "label_string",
+    "security_labels",
+]
+
+log = logging.getLogger(__name__)
+
+CILIUM_IDENTITY = kind_by_name("CiliumIdentity")
+CILIUM_ENDPOINT = kind_by_name("CiliumEndpoint")
+DEFAULT_GC_GRACE_PERIOD = 15 * 60.0
+DEFAULT_GC_INTERVAL = 60.0
+
+Outcome = Literal["existing", "created", "converged"]
+_OUTCOMES: tuple[Outcome, ...] = ("existing", "created", "converged")
+
+
+class IdentityRangeExhausted(Exception):
+    """Every number of the cluster's identity range is taken."""
+
+
+def security_labels(labels: Mapping[str, str], namespace: str, cluster: str) -> dict[str, str]:
+    """An endpoint's security labels: its k8s labels, its namespace and its cluster, as `k8s:<key>` -> value."""
+    result = {f"{SOURCE_K8S}:{key}": value for key, value in labels.items()}
+    result[f"{SOURCE_K8S}:{NAMESPACE_LABEL}"] = namespace
+    result[f"{SOURCE_K8S}:{CLUSTER_LABEL}"] = cluster
+    return result
+
+
+def label_string(security: Mapping[str, str]) -> str:
+    """The canonical form of a security-labels map (`k8s:app=web;...;`): equal label sets, equal strings."""
+    return format_label_string(labels_from_security_map(security))
+
+
+def _identity_number(obj: Object, id_range: IdentityRange) -> int | None:
+    """The number of a CiliumIdentity, if it is one of `id_range`."""
+    name = str((obj.get("metadata") or {}).get("name", ""))
+    if not name.isdigit():
+        return None
+    number = int(name)
+    return number if number in id_range else None
+
+
+def _revision(obj: Object) -> int:
+    """The object's resourceVersion as a number; identities are never updated, so it is their creation's."""
+    version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+    return int(version) if version.isdigit() else sys.maxsize
+
+
+class IdentityIndex:
+    """The identities of one range, by number and by label string.
+
+    Several identities may carry one label set for a moment (two agents raced); `winner` names the one that stays.
+    """
+
+    def __init__(self, id_range: IdentityRange) -> None:
+        self.range = id_range
+        self._by_id: dict[int, tuple[str, int]] = {}  # number -> (label string, revision)
+        self._by_labels: dict[str, set[int]] = {}
+
+    @classmethod
+    def of(cls, id_range: IdentityRange, objects: list[Object]) -> IdentityIndex:
+        index = cls(id_range)
+        for obj in objects:
+            index.add(obj)
+        return index
+
+    def add(self, obj: Object) -> int | None:
+        number = _identity_number(obj, self.range)
+        if number is None:
+            return None
+        self.discard(number)
+        labels = label_string(obj.get("security-labels") or {})
+        self._by_id[number] = (labels, _revision(obj))
+        if labels:  # an identity without labels matches nothing (Cilium ignores those)
+            self._by_labels.setdefault(labels, set()).add(number)
+        return number
+
+    def discard(self, number: int) -> None:
+        old = self._by_id.pop(number, None)
+        if old is not None and old[0]:
+            numbers = self._by_labels[old[0]]
+            numbers.discard(number)
+            if not numbers:
+                del self._by_labels[old[0]]
+
+    def winner(self, labels: str) -> int | None:
+        """The identity of these labels that every agent agrees on: the oldest, then the lowest number."""
+        numbers = self._by_labels.get(labels)
+        if not numbers:
+            return None
+        return min(numbers, key=lambda number: (self._by_id[number][1], number))
+
+    def labels_of(self, number: int) -> str | None:
+        entry = self._by_id.get(number)
+        return entry[0] if entry is not None else None
+
+    def __contains__(self, number: object) -> bool:
+        return number in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+class IdentityAllocator:
+    """Allocates identities for label sets of one cluster, in its ResourceStore; an informer Handler of identities.
+
+    `run()` keeps `index` in step with the store (or wire the allocator to an Informer of your own and call
+    `mark_synced()`); the index answers for label sets already known, without a round trip.
+    """
+
+    def __init__(
+        self,
+        store: ResourceStore,
+        cluster: ClusterInfo,
+        *,
+        id_range: IdentityRange | None = None,
+        registry: CollectorRegistry | None = None,
+        attempts: int = 5,
+        backoff: float = 0.05,
+        max_backoff: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.range = id_range or identity_range(cluster.id, cluster.max_connected_clusters)
+        self.index = IdentityIndex(self.range)
+        self.informer = Informer(store, CILIUM_IDENTITY, self)
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._reserved: set[int] = set()  # numbers our own concurrent allocations are trying to create
+        self._allocations: Counter | None = None
+        if registry is not None:
+            self._allocations = Counter(
+                "identity_allocations", "Identity allocations by outcome (existing, created, converged)",
+                ["outcome"], namespace="clustermesh", registry=registry,
+            )  # fmt: skip
+            for outcome in _OUTCOMES:
+                self._allocations.labels(outcome)
+
+    # --- the informer's side
+
+    @property
+    def synced(self) -> asyncio.Event:
+        """Set once the index holds every identity the store had at start."""
+        return self.informer.synced
+
+    def mark_synced(self) -> None:
+        """For an agent that feeds the allocator from an Informer of its own: that informer has synced."""
+        self.informer.synced.set()
+
+    async def run(self) -> None:
+        """Keep the index in step with the store, until cancelled."""
+        await self.informer.run()
+
+    def on_upsert(self, kind: Kind, obj: Object) -> None:
+        if kind.name == CILIUM_IDENTITY.name:
+            self.index.add(obj)
+
+    def on_delete(self, kind: Kind, obj: Object) -> None:
+        if kind.name == CILIUM_IDENTITY.name and (number := _identity_number(obj, self.range)) is not None:
+            self.index.discard(number)
+
+    # --- allocating
+
+    def security_labels(self, labels: Mapping[str, str], namespace: str) -> dict[str, str]:
+        return security_labels(labels, namespace, self.cluster.name)
+
+    def lookup(self, labels: Mapping[str, str], namespace: str) -> int | None:
+        """The identity of these labels as far as the index knows, without asking the store."""
+        return self.index.winner(label_string(self.security_labels(labels, namespace)))
+
+    async def allocate(self, labels: Mapping[str, str], namespace: str) -> int:
+        """The identity of an endpoint with these k8s labels in this namespace, created if there is none.
+
+        Raises `IdentityRangeExhausted` when the range is full, and the store's `Conflict` or `Unavailable` when they
+        persist over `attempts` tries.
+        """
+        security = self.security_labels(labels, namespace)
+        labels_key = label_string(security)
+        known = self.index.winner(labels_key)
+        if known is not None:
+            self._count("existing")
+            return known
+        created: list[int] = []  # identities we created, over every attempt: the losers among them are deleted
+        delay = self.backoff
+        attempt = 1
+        while True:
+            try:
+                number, outcome = await self._allocate_once(labels_key, security, namespace, created)
+            except (Conflict, Unavailable) as exc:
+                if attempt >= self.attempts:
+                    raise
+                log.info("identity for %s: attempt %d failed (%s); retrying in %.2f s", labels_key, attempt, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                attempt += 1
+                continue
+            self._count(outcome)
+            return number
+
+    async def _allocate_once(
+        self, labels_key: str, security: dict[str, str], namespace: str, created: list[int]
+    ) -> tuple[int, Outcome]:
+        snapshot = await self._snapshot()
+        if snapshot.winner(labels_key) is not None:
+            return await self._settle(labels_key, created, snapshot, raced=False)
+        for number in self._free(snapshot):
+            self._reserved.add(number)
+            try:
+                try:
+                    await self.store.create(self._identity(number, security, namespace))
+                except AlreadyExists:
+                    current = await self.store.get(CILIUM_IDENTITY, str(number))
+                    if current is None or label_string(current.get("security-labels") or {}) != labels_key:
+                        continue  # taken by other labels (or gone again): the next number
+                    raced = True
+                else:
+                    created.append(number)
+                    raced = False
+            finally:
+                self._reserved.discard(number)
+            return await self._settle(labels_key, created, await self._snapshot(), raced=raced)
+        raise IdentityRangeExhausted(
+            f"cluster {self.cluster.name}: no free identity left in {self.range.allocatable_first}..{self.range.last}"
+            f" ({len(snapshot)} in use)"
+        )
+
+    async def _settle(
+        self, labels_key: str, created: list[int], snapshot: IdentityIndex, *, raced: bool
+    ) -> tuple[int, Outcome]:
+        """Agree on the winner of `snapshot` and delete what we created that lost."""
+        winner = snapshot.winner(labels_key)
+        if winner is None:  # ours (or the one we found) was deleted before we saw it again
+            raise Conflict(f"the identity for {labels_key} vanished while it was allocated")
+        losers = [number for number in created if number != winner]
+        for number in losers:
+            log.info("identity %d for %s lost a race to %d: deleting it", number, labels_key, winner)
+            with contextlib.suppress(NotFound):  # gone already: that is what we wanted
+                await self.store.delete(CILIUM_IDENTITY, str(number))
+            created.remove(number)
+        if winner in created:
+            log.info("identity %d created for %s", winner, labels_key)
+            return winner, "created"
+        return winner, "converged" if losers or raced else "existing"
+
+    async def _snapshot(self) -> IdentityIndex:
+        return IdentityIndex.of(self.range, (await self.store.list(CILIUM_IDENTITY)).items)
+
+    def _free(self, snapshot: IdentityIndex) -> Iterator[int]:
+        """Free numbers of the range, lowest first, skipping the ones our other allocations are creating."""
+        for number in range(self.range.allocatable_first, self.range.last + 1):
+            if number not in snapshot and number not in self._reserved:
+                yield number
+
+    def _identity(self, number: int, security: dict[str, str], namespace: str) -> Object:
+        return {
+            "apiVersion": CILIUM_IDENTITY.api_version,
+            "kind": CILIUM_IDENTITY.name,
+            "metadata": {"name": str(number), "labels": {NAMESPACE_LABEL: namespace}},
+            "security-labels": dict(security),
+        }
+
+    def _count(self, outcome: Outcome) -> None:
+        if self._allocations is not None:
+            self._allocations.labels(outcome).inc()
+
+
+class IdentityCollector:
+    """Deletes the cluster's identities that no CiliumEndpoint has referenced for `grace_period` seconds.
+
+    An informer Handler of both CiliumIdentity and CiliumEndpoint. `collect_once(now)` is the whole logic, one
+    step; `run()` runs the two informers and calls it every `interval` seconds.
+    """
+
+    def __init__(
+        self,
+        store: ResourceStore,
+        cluster: ClusterInfo,
+        *,
+        grace_period: float = DEFAULT_GC_GRACE_PERIOD,
+        interval: float = DEFAULT_GC_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        id_range: IdentityRange | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.grace_period = grace_period
+        self.interval = interval
+        self.clock = clock
+        self.range = id_range or identity_range(cluster.id, cluster.max_connected_clusters)
+        self.identities: set[int] = set()
+        self.references: dict[int, int] = {}  # identity -> how many endpoints use it
+        self._endpoints: dict[Ref, int] = {}  # endpoint -> the identity it uses
+        #: identity -> when a collection first found it unused
+        self.unused_since: dict[int, float] = {}
+        self.deleted = 0
+        self.informers = (Informer(store, CILIUM_IDENTITY, self), Informer(store, CILIUM_ENDPOINT, self))
+        #: Set once both kinds are listed: before, every identity would look unused.
+        self.synced = asyncio.Event()
+        self._deleted_total: Counter | None = None
+        if registry is not None:
+            self._deleted_total = Counter(
+                "identity_gc_deleted", "Identities deleted because no endpoint used them for the grace period",
+                namespace="clustermesh", registry=registry,
+            )  # fmt: skip
+
+    # --- the informers' side
+
+    def on_upsert(self, kind: Kind, obj: Object) -> None:
+        if kind.name == CILIUM_IDENTITY.name:
+            if (number := _identity_number(obj, self.range)) is not None:
+                self.identities.add(number)
+        elif kind.name == CILIUM_ENDPOINT.name:
+            self._unreference(object_ref(obj))
+            number = _endpoint_identity(obj)
+            if number is not None:
+                self._endpoints[object_ref(obj)] = number
+                self.references[number] = self.references.get(number, 0) + 1
+
+    def on_delete(self, kind: Kind, obj: Object) -> None:
+        if kind.name == CILIUM_IDENTITY.name:
+            if (number := _identity_number(obj, self.range)) is not None:
+                self.identities.discard(number)
+                self.unused_since.pop(number, None)
+        elif kind.name == CILIUM_ENDPOINT.name:
+            self._unreference(object_ref(obj))
+
+    def _unreference(self, ref: Ref) -> None:
+        number = self._endpoints.pop(ref, None)
+        if number is None:
+            return
+        left = self.references[number] - 1
+        if left:
+            self.references[number] = left
+        else:
+            del self.references[number]
+
+    # --- collecting
+
+    def expired(self, now: float) -> list[int]:
+        """Mark the unused identities (from `now` if newly unused) and name those unused for the grace period."""
+        for number in [number for number in self.unused_since if number not in self.identities]:
+            del self.unused_since[number]
+        expired: list[int] = []
+        for number in sorted(self.identities):
+            if self.references.get(number):
+                self.unused_since.pop(number, None)
+                continue
+            since = self.unused_since.setdefault(number, now)
+            if now - since >= self.grace_period:
+                expired.append(number)
+        return expired
+
+    async def collect_once(self, now: float | None = None) -> list[int]:
+        """Delete the identities unused for the grace period; return those this call deleted."""
+        deleted: list[int] = []
+        for number in self.expired(self.clock() if now is None else now):
+            try:
+                await self.store.delete(CILIUM_IDENTITY, str(number))
+            except NotFound:
+                log.debug("identity %d: already deleted by another agent", number)
+            except (Conflict, Unavailable) as exc:
+                log.warning("identity %d: not collected this time: %s", number, exc)
+                continue
+            else:
+                deleted.append(number)
+                log.info("identity %d: unused for %.0f s, deleted", number, self.grace_period)
+            self.unused_since.pop(number, None)
+        self.deleted += len(deleted)
+        if self._deleted_total is not None and deleted:
+            self._deleted_total.inc(len(deleted))
+        return deleted
+
+    async def collect_forever(self) -> None:
+        """`collect_once` every `interval` seconds, until cancelled (for informers wired by the caller)."""
+        while True:
+            await self.collect_once()
+            await asyncio.sleep(self.interval)
+
+    async def run(self) -> None:
+        """Run both informers, wait until they are synced, then collect every `interval` seconds."""
+        async with asyncio.TaskGroup() as group:
+            for informer in self.informers:
+                group.create_task(informer.run(), name=f"identity-gc-{informer.kind.plural}")
+            for informer in self.informers:
+                await informer.synced.wait()
+            self.synced.set()
+            await self.collect_forever()
+
+
+def _endpoint_identity(obj: Object) -> int | None:
+    """The identity a CiliumEndpoint uses (`status.identity.id`), if any."""
+    status: Any = obj.get("status") or {}
+    number = (status.get("identity") or {}).get("id")
+    return number if isinstance(number, int) and not isinstance(number, bool) else None

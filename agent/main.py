@@ -1,0 +1,275 @@
+"""`clustermesh-agent`: one per node. Publishes the node, reads every cluster of the mesh, serves its status.
+
+    clustermesh-agent --cluster-name c1 --cluster-id 1 --node-name n1 --node-ip 192.168.1.11 --pod-cidr 10.1.1.0/24 \\
+        --kvstore-endpoints https://192.168.1.2:2379 --kvstore-ca ca.crt --kvstore-cert agent-c1.crt \\
+        --kvstore-key agent-c1.key --clustermesh-config /var/lib/clustermesh/remotes \\
+        --api-socket /run/clustermesh/agent.sock
+
+It runs, side by side: the mesh (the local cluster and every remote in the config directory, into the merged view),
+the publisher of its own CiliumNode, the identity allocator and collector, the renderer of ClusterMeshRemote objects
+into the config directory, the local API on a unix socket and the metrics endpoint. SIGTERM stops it; nothing it
+published is withdrawn (a restarted agent takes over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from prometheus_client import CollectorRegistry
+
+from agent import api
+from agent.endpoints import EndpointManager
+from agent.identities import IdentityAllocator, IdentityCollector
+from agent.mesh import Mesh
+from agent.publishing import NodeSpec, run_node_publisher
+from agent.rendering import RemoteRenderer
+from agent.wgkeys import load_or_create
+from clustermesh.model import converters
+from clustermesh.model.clusters import ClusterInfo
+from clustermesh.model.errors import ModelError
+from clustermesh.model.kinds import Kind, Object, kind_by_name
+from daemon.http import HttpEndpoint, metrics_route, parse_address
+from kvstore import errors, etcd
+from kvstore.backend import Backend
+from kvstore.config import EtcdConfig
+from kvstore.reconnecting import connect_until_up
+from resources.informing import Informer
+from resources.standalone import StandaloneStore
+from resources.store import ResourceStore
+
+__all__ = ["Agent", "AgentSettings", "main"]
+
+log = logging.getLogger("clustermesh.agent")
+
+
+@dataclass
+class AgentSettings:
+    cluster: ClusterInfo
+    node_name: str
+    etcd: EtcdConfig
+    node_ips: list[str] = field(default_factory=list)
+    pod_cidrs: list[str] = field(default_factory=list)
+    health_ip: str = ""
+    cilium_internal_ip: str = ""
+    config_dir: Path | None = None
+    cache_ttl: float = 0.0
+    heartbeat_max_age: float = 120.0
+    api_socket: Path | None = None
+    metrics_address: tuple[str, int] | None = None
+    state_dir: Path = Path("/var/lib/clustermesh")
+    boot_id: str = ""
+    source: str = "standalone"
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    identity_gc_grace: float = 900.0
+    scan_interval: float = 1.0
+
+
+class LocalServices:
+    """The local cluster's global Services, for the view: their affinity annotation and frontends."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    def on_upsert(self, kind: Kind, obj: Object) -> None:
+        metadata = obj.get("metadata") or {}
+        namespace, name = str(metadata.get("namespace", "default")), str(metadata.get("name", ""))
+        if not converters.is_global_service(obj):
+            self.mesh.view.clear_local_service(namespace, name)
+            return
+        affinity = str((metadata.get("annotations") or {}).get("service.cilium.io/affinity", "")).lower()
+        self.mesh.view.set_local_service(
+            namespace, name, affinity=affinity, frontends=converters.service_frontends(obj)
+        )
+
+    def on_delete(self, kind: Kind, obj: Object) -> None:
+        metadata = obj.get("metadata") or {}
+        self.mesh.view.clear_local_service(str(metadata.get("namespace", "default")), str(metadata.get("name", "")))
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, *, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.mesh = Mesh(
+            settings.cluster,
+            settings.etcd,
+            settings.config_dir,
+            node_name=settings.node_name,
+            cache_ttl=settings.cache_ttl,
+            heartbeat_max_age=settings.heartbeat_max_age,
+            scan_interval=settings.scan_interval,
+            registry=self.registry,
+        )
+        self.keys = load_or_create(settings.state_dir / "wireguard.key")
+        self.endpoints: EndpointManager | None = None
+        self.store: ResourceStore | None = None
+        self.allocator: IdentityAllocator | None = None
+
+    def node_spec(self) -> NodeSpec:
+        return NodeSpec(
+            name=self.settings.node_name,
+            internal_ips=self.settings.node_ips,
+            pod_cidrs=self.settings.pod_cidrs,
+            cilium_internal_ip=self.settings.cilium_internal_ip,
+            health_ipv4=self.settings.health_ip,
+            wireguard_public_key=self.keys.public_base64,
+            boot_id=self.settings.boot_id,
+        )
+
+    def _store(self, backend: Backend) -> ResourceStore:
+        if self.settings.source == "standalone":
+            return StandaloneStore(backend)
+        from resources.kubernetes import KubernetesStore
+
+        store: ResourceStore = KubernetesStore.from_kubeconfig(self.settings.kubeconfig, self.settings.kube_context)
+        return store
+
+    async def _local_jobs(self) -> None:
+        """Everything that needs the local ResourceStore, once its etcd answers."""
+        config = self.settings.etcd
+
+        def failed(exc: errors.KVStoreError) -> None:
+            log.warning("cannot connect to the local etcd at %s: %s", config.describe(), exc)
+
+        backend = await connect_until_up(lambda: etcd.connect(config), on_failure=failed)
+        try:
+            self.store = store = self._store(backend)
+            self.allocator = IdentityAllocator(store, self.settings.cluster)
+            collector = IdentityCollector(store, self.settings.cluster, grace_period=self.settings.identity_gc_grace)
+            node_ip = self.settings.node_ips[0] if self.settings.node_ips else ""
+            self.endpoints = EndpointManager(store, self.allocator, node_ip=node_ip)
+            jobs: list[Coroutine[Any, Any, None]] = [
+                run_node_publisher(store, self.node_spec()),
+                self.allocator.run(),
+                collector.run(),
+                Informer(store, kind_by_name("Service"), LocalServices(self.mesh)).run(),
+            ]
+            if self.settings.config_dir is not None:
+                jobs.append(self._render_remotes(store, self.settings.config_dir))
+            await asyncio.gather(*jobs)
+        finally:
+            await backend.close()
+
+    async def _render_remotes(self, store: ResourceStore, directory: Path) -> None:
+        renderer = RemoteRenderer(directory, local_cluster=self.settings.cluster.name)
+        informer = Informer(store, kind_by_name("ClusterMeshRemote"), renderer)
+        task = asyncio.create_task(informer.run())
+        try:
+            await informer.synced.wait()
+            pruned = renderer.prune({name for _, name in informer.cache})
+            if pruned:
+                log.info("removed the rendered config of peers gone while we were down: %s", ", ".join(pruned))
+            await task
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def run(self) -> None:
+        servers: list[HttpEndpoint] = []
+        if self.settings.api_socket is not None:
+            servers.append(HttpEndpoint(unix_path=self.settings.api_socket,
+                                        routes=api.routes(self.mesh, lambda: self.endpoints)))  # fmt: skip
+        if self.settings.metrics_address is not None:
+            host, port = self.settings.metrics_address
+            servers.append(HttpEndpoint(host, port, routes={"/metrics": metrics_route(self.registry)}))
+        for server in servers:
+            await server.start()
+            log.info("listening on %s", f"http://{server.address}" if server.unix_path is None else server.address)
+        try:
+            await asyncio.gather(self.mesh.run(), self._local_jobs())
+        finally:
+            for server in servers:
+                await server.stop()
+
+
+async def _run_until_signalled(agent: Agent) -> None:
+    task = asyncio.create_task(agent.run())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info("stopped")
+
+
+def _boot_id() -> str:
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return ""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--cluster-name", required=True, help="The local cluster's name.")
+@click.option("--cluster-id", required=True, type=int, help="The local cluster's ID (1..255, or 1..511).")
+@click.option("--max-connected-clusters", default="255", type=click.Choice(["255", "511"]), show_default=True)
+@click.option("--node-name", default=socket.gethostname(), show_default=True)
+@click.option("--node-ip", "node_ips", multiple=True, help="This node's InternalIP (repeat for IPv6).")
+@click.option("--pod-cidr", "pod_cidrs", multiple=True, help="This node's pod CIDR (repeat for IPv6).")
+@click.option("--health-ip", default="", help="This node's health endpoint IP.")
+@click.option("--cilium-internal-ip", default="", help="This node's router IP inside the pod network.")
+@click.option("--kvstore-endpoints", required=True, multiple=True, help="The local cluster's etcd, https://HOST:PORT.")
+@click.option("--kvstore-ca", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--kvstore-cert", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--kvstore-key", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--source", type=click.Choice(["standalone", "kubernetes"]), default="standalone", show_default=True)
+@click.option("--kubeconfig", default=None)
+@click.option("--kube-context", default=None)
+@click.option(
+    "--clustermesh-config",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The folder of remote cluster configs (Cilium's format, one file per cluster), watched for changes.",
+)
+@click.option("--clustermesh-cache-ttl", default=0.0, show_default=True,
+              help="Seconds a disconnected cluster's services are kept (0: until it comes back).")  # fmt: skip
+@click.option("--heartbeat-max-age", default=120.0, show_default=True, hidden=True)
+@click.option("--api-socket", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/run/clustermesh/agent.sock"), show_default=True)  # fmt: skip
+@click.option("--metrics-address", default=None, help="HOST:PORT for /metrics (port 0 picks one).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/var/lib/clustermesh"), show_default=True)  # fmt: skip
+@click.option("--boot-id", default=None, help="Default: the kernel's boot ID.")
+@click.option("--identity-gc-grace", default=900.0, show_default=True,
+              help="Seconds an identity no endpoint uses is kept before it is deleted.")  # fmt: skip
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def main(**params: Any) -> None:
+    """Run the node agent: publish this node, read every cluster of the mesh, serve the status."""
+    logging.basicConfig(level=params["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cluster = ClusterInfo(params["cluster_name"], params["cluster_id"], int(params["max_connected_clusters"]))
+        endpoints = [url for value in params["kvstore_endpoints"] for url in value.split(",") if url]
+        config = EtcdConfig(endpoints, params["kvstore_ca"], params["kvstore_cert"], params["kvstore_key"])
+        metrics = parse_address(params["metrics_address"]) if params["metrics_address"] else None
+    except (ModelError, errors.KVStoreError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = AgentSettings(
+        cluster=cluster,
+        node_name=params["node_name"],
+        etcd=config,
+        node_ips=list(params["node_ips"]),
+        pod_cidrs=list(params["pod_cidrs"]),
+        health_ip=params["health_ip"],
+        cilium_internal_ip=params["cilium_internal_ip"],
+        config_dir=params["clustermesh_config"],
+        cache_ttl=params["clustermesh_cache_ttl"],
+        heartbeat_max_age=params["heartbeat_max_age"],
+        api_socket=params["api_socket"],
+        metrics_address=metrics,
+        state_dir=params["state_dir"],
+        boot_id=params["boot_id"] if params["boot_id"] is not None else _boot_id(),
+        source=params["source"],
+        kubeconfig=params["kubeconfig"],
+        kube_context=params["kube_context"],
+        identity_gc_grace=params["identity_gc_grace"],
+    )
+    asyncio.run(_run_until_signalled(Agent(settings)))

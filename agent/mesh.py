@@ -1,0 +1,180 @@
+"""The mesh as one agent sees it: the local cluster and every configured remote, feeding one merged view.
+
+The local cluster is one more `RemoteCluster` (its own etcd, read as `agent-<cluster>`); the others come and go with
+the files of the clustermesh config directory: added -> connect, changed -> reconnect with the new file (the view
+keeps its entries, the next list removes only what did not come back), removed -> disconnect and drain.
+
+`status()` is the truth for `clustermesh status`: overall ready only when every configured cluster is ready.
+`changed` is set on every status change, so `clustermesh status --wait` waits on events, not on a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from agent.configdir import ConfigDir, ConfigEvent
+from agent.metrics import AgentMetrics
+from agent.remotes import ClusterRegistry, Connector, RemoteCluster, RemoteStatus
+from agent.view import KINDS, MergedView
+from clustermesh.model.clusters import ClusterInfo
+from kvstore import etcd
+from kvstore.config import EtcdConfig
+from kvstore.heartbeat import HEARTBEAT_MAX_AGE
+from kvstore.metrics import KVStoreMetrics
+
+__all__ = ["AgentStatus", "Mesh"]
+
+log = logging.getLogger(__name__)
+
+
+class AgentStatus(msgspec.Struct, kw_only=True):
+    cluster: str
+    cluster_id: int
+    node: str
+    ready: bool
+    not_ready: list[str]
+    clusters: list[RemoteStatus]
+    config_problems: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+@dataclass
+class Mesh:
+    local: ClusterInfo
+    local_config: EtcdConfig
+    config_dir: Path | None = None
+    node_name: str = ""
+    connect: Connector = etcd.connect
+    cache_ttl: float = 0.0
+    heartbeat_max_age: float = HEARTBEAT_MAX_AGE
+    scan_interval: float = 1.0
+    refused_retry: float = 10.0
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.view = MergedView(self.local.name)
+        self.clusters = ClusterRegistry(self.local)
+        self.metrics = AgentMetrics(self.registry)
+        self.kvmetrics = KVStoreMetrics(self.registry)
+        self.remotes: dict[str, RemoteCluster] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.changed = asyncio.Event()
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self.config_watch = (
+            ConfigDir(self.config_dir, self.on_config_event, self.scan_interval, ignore={self.local.name})
+            if self.config_dir is not None
+            else None
+        )
+
+    def _make(self, name: str, path: Path | None, *, is_local: bool = False) -> RemoteCluster:
+        return RemoteCluster(
+            name=name,
+            config_path=path,
+            config=self.local_config if is_local else None,
+            is_local=is_local,
+            view=self.view,
+            registry=self.clusters,
+            connect=self.connect,
+            metrics=self.metrics,
+            kvmetrics=self.kvmetrics,
+            cache_ttl=0.0 if is_local else self.cache_ttl,
+            heartbeat_max_age=self.heartbeat_max_age,
+            refused_retry=self.refused_retry,
+        )
+
+    def _start(self, remote: RemoteCluster) -> None:
+        self.remotes[remote.name] = remote
+        self._tasks[remote.name] = asyncio.create_task(remote.run(), name=f"cluster-{remote.name}")
+        self._watchers[remote.name] = asyncio.create_task(self._relay(remote), name=f"status-{remote.name}")
+        self._touch()
+
+    async def _relay(self, remote: RemoteCluster) -> None:
+        """Turn one cluster's status changes into the mesh's."""
+        while True:
+            await remote.changed.wait()
+            remote.changed.clear()
+            self._touch()
+
+    def _touch(self) -> None:
+        self.changed.set()
+        self.metrics.clusters.set(len(self.remotes))
+
+    def on_config_event(self, event: ConfigEvent) -> None:
+        if event.action == "added":
+            self._start(self._make(event.name, event.path))
+        elif event.action == "changed":
+            remote = self.remotes.get(event.name)
+            if remote is None:
+                self._start(self._make(event.name, event.path))
+                return
+            log.info("cluster %s: configuration changed, reconnecting", event.name)
+            self._tasks[event.name].cancel()
+            self._tasks[event.name] = asyncio.create_task(remote.run(), name=f"cluster-{event.name}")
+        else:
+            remote = self.remotes.pop(event.name, None)
+            if remote is None:
+                return
+            log.info("cluster %s: configuration removed, disconnecting and draining", event.name)
+            task = self._tasks.pop(event.name, None)
+            watcher = self._watchers.pop(event.name, None)
+            if watcher is not None:
+                watcher.cancel()
+            asyncio.create_task(remote.remove(task), name=f"remove-{event.name}")  # noqa: RUF006
+            self._touch()
+
+    async def run(self) -> None:
+        self._start(self._make(self.local.name, None, is_local=True))
+        try:
+            while True:
+                if self.config_watch is not None:
+                    self.config_watch.scan()
+                self.refresh_metrics()
+                await asyncio.sleep(self.scan_interval)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks.values(), *self._watchers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._watchers.clear()
+
+    def refresh_metrics(self) -> None:
+        for name, counts in self.view.counts.items():
+            for kind in KINDS:
+                self.metrics.entries.labels(name, kind).set(counts.get(kind, 0))
+        for name, remote in self.remotes.items():
+            for prefix, store in remote.stores.items():
+                self.metrics.rejected.labels(name, prefix.rsplit("/", 2)[-2]).set(len(store.rejected))
+
+    def status(self) -> AgentStatus:
+        clusters = [
+            remote.status() for _, remote in sorted(self.remotes.items(), key=lambda i: (not i[1].is_local, i[0]))
+        ]
+        not_ready = [f"{c.name}: {reason}" for c in clusters for reason in c.not_ready]
+        return AgentStatus(
+            cluster=self.local.name,
+            cluster_id=self.local.id,
+            node=self.node_name,
+            ready=not not_ready,
+            not_ready=not_ready,
+            clusters=clusters,
+            config_problems=dict(self.config_watch.problems) if self.config_watch else {},
+        )
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Until every configured cluster is ready, or `timeout` seconds passed; whether it is ready."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.status().ready:
+                    self.changed.clear()
+                    await self.changed.wait()
+        return self.status().ready

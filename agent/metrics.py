@@ -1,0 +1,37 @@
+"""The agent's Prometheus metrics, per connected cluster, on a registry the caller passes in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["AgentMetrics"]
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry, *, namespace: str = "clustermesh") -> None:
+        def gauge(name: str, doc: str, labels: list[str]) -> Gauge:
+            return Gauge(name, doc, labels, namespace=namespace, registry=registry)
+
+        self.ready = gauge("remote_cluster_ready", "1 while a connected cluster is ready", ["cluster"])
+        self.last_failure = gauge(
+            "remote_cluster_last_failure_timestamp", "Unix time of a cluster's last failure", ["cluster"]
+        )
+        self.failures = Counter(
+            "remote_cluster_failures", "Failed connections and sessions", ["cluster"], namespace=namespace,
+            registry=registry,
+        )  # fmt: skip
+        self.entries = gauge("remote_cluster_entries", "Entries in the merged view by cluster and kind",
+                             ["cluster", "kind"])  # fmt: skip
+        self.rejected = gauge(
+            "remote_cluster_rejected_entries", "Keys whose current value was rejected, by cluster and kind",
+            ["cluster", "kind"],
+        )  # fmt: skip
+        self.propagation = Histogram(
+            "remote_cluster_propagation_delay_seconds",
+            "From an etcd change reaching the agent to the merged view and its subscribers",
+            ["cluster"],
+            namespace=namespace,
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.clusters = gauge("remote_clusters", "Configured clusters (the local one included)", [])

@@ -1,0 +1,398 @@
+"""One connected cluster, from the agent's side: connect, check, sync, watch, and say truthfully how it is going.
+
+A `RemoteCluster` runs sessions, one per connection, in a loop:
+
+1. read its etcd config file again (so rotated certificates and changed endpoints are picked up) and connect (mTLS);
+2. read `cilium/cluster-config/<name>` and check it: the name is not the local cluster's, the cluster ID is not
+   the local one's nor another connected cluster's, `maxConnectedClusters` is the same as ours. A refused cluster is
+   not watched at all; the reason is in its status; it is checked again later (the config may be fixed);
+3. four WatchStores (nodes, ipcache, identities, services), each waiting for its synced canary, with the
+   validating decoders of `clustermesh.model.remotes`, and the heartbeat reader;
+4. a watchdog: a heartbeat older than `heartbeat_max_age` ends the session (the cluster is not ready, and we
+   reconnect).
+
+When a session ends, nothing is removed from the view: nodes, ipcache entries and identities of a disconnected cluster
+are kept (traffic to it keeps flowing); its services are drained after `cache_ttl` if it is still disconnected then
+(0: never). The next session lists again and removes only what did not come back. `remove()` (its config file is
+gone) drains everything. Readiness is never claimed while any watcher is stopped, the heartbeat is stale, or the
+config was refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.metrics import AgentMetrics
+from agent.view import Kind, MergedView
+from clustermesh.model import keys, wire
+from clustermesh.model.clusters import ClusterInfo
+from clustermesh.model.errors import ModelError
+from clustermesh.model.remotes import RemoteDecoders, decoders_for
+from kvstore import errors
+from kvstore.backend import Backend
+from kvstore.config import EtcdConfig, load_config_file
+from kvstore.heartbeat import HEARTBEAT_MAX_AGE, HeartbeatReader
+from kvstore.metrics import KVStoreMetrics
+from kvstore.reconnecting import Backoff
+from kvstore.watching import WatchStore
+
+__all__ = ["ClusterRegistry", "Refused", "RemoteCluster", "RemoteStatus"]
+
+log = logging.getLogger(__name__)
+
+Connector = Callable[[EtcdConfig], Awaitable[Backend]]
+PREFIX_KINDS: dict[str, Kind] = {
+    keys.NODES_PREFIX: "node",
+    keys.IPCACHE_PREFIX: "ipcache",
+    keys.IDENTITIES_PREFIX: "identity",
+    keys.SERVICES_PREFIX: "service",
+}
+SHORT = {keys.NODES_PREFIX: "nodes", keys.IPCACHE_PREFIX: "endpoints", keys.IDENTITIES_PREFIX: "identities",
+         keys.SERVICES_PREFIX: "services"}  # fmt: skip
+
+
+class Refused(Exception):
+    """This cluster may not join the mesh as configured; the message says why."""
+
+
+class RemoteStale(errors.BackendUnavailable):
+    reason = "heartbeat-stale"
+
+
+class ClusterRegistry:
+    """Which cluster holds which ID: the local one and every connected one. Two clusters never share an ID."""
+
+    def __init__(self, local: ClusterInfo) -> None:
+        self.local = local
+        self._ids: dict[str, int] = {}
+
+    def check(self, name: str, config: wire.ClusterConfig) -> ClusterInfo:
+        """The remote's ClusterInfo if it may join; raise Refused with the reason otherwise."""
+        if name == self.local.name:
+            raise Refused(f"name clash: {name!r} is the local cluster's name")
+        remote_max = config.capabilities.maxConnectedClusters or 255
+        if remote_max != self.local.max_connected_clusters:
+            raise Refused(
+                f"maxConnectedClusters mismatch: {name} has {remote_max}, this cluster has "
+                f"{self.local.max_connected_clusters}; every cluster of a mesh must use the same value"
+            )
+        try:
+            info = ClusterInfo(name, config.id, self.local.max_connected_clusters)
+        except ModelError as exc:
+            raise Refused(f"invalid cluster-config: {exc}") from None
+        if config.id == self.local.id:
+            raise Refused(f"cluster ID clash: {name} has ID {config.id}, the local cluster {self.local.name}'s ID")
+        for other, other_id in self._ids.items():
+            if other != name and other_id == config.id:
+                raise Refused(f"cluster ID clash: {name} has ID {config.id}, already used by {other}")
+        return info
+
+    def reserve(self, info: ClusterInfo) -> None:
+        self._ids[info.name] = info.id
+
+    def release(self, name: str) -> None:
+        self._ids.pop(name, None)
+
+
+class RemoteStatus(msgspec.Struct, kw_only=True):
+    """What `clustermesh status` shows for one cluster."""
+
+    name: str
+    local: bool = False
+    configured: bool = True
+    connected: bool = False
+    ready: bool = False
+    cluster_id: int | None = None
+    refused: str | None = None
+    synced: dict[str, bool] = msgspec.field(default_factory=dict)
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    rejected: dict[str, int] = msgspec.field(default_factory=dict)
+    rejected_keys: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    reconnections: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    last_error_reason: str | None = None
+    last_error_age: float | None = None
+    heartbeat_age: float | None = None
+    not_ready: list[str] = msgspec.field(default_factory=list)
+
+
+@dataclass
+class RemoteCluster:
+    name: str
+    config_path: Path | None
+    view: MergedView
+    registry: ClusterRegistry
+    connect: Connector
+    metrics: AgentMetrics | None = None
+    kvmetrics: KVStoreMetrics | None = None
+    is_local: bool = False
+    config: EtcdConfig | None = None  # used instead of config_path (the local cluster's own etcd)
+    cache_ttl: float = 0.0
+    heartbeat_max_age: float = HEARTBEAT_MAX_AGE
+    refused_retry: float = 10.0
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.2, maximum=10.0))
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        self.info: ClusterInfo | None = None
+        self.decoders: RemoteDecoders | None = None
+        self.stores: dict[str, WatchStore[Any]] = {}
+        self.heartbeat = HeartbeatReader(clock=self.clock, max_age=self.heartbeat_max_age)
+        self.connected = False
+        self.refused: str | None = None
+        self.sessions = 0
+        self.failures = 0
+        self.last_error: errors.KVStoreError | Refused | None = None
+        self.last_error_at: float | None = None
+        self.changed = asyncio.Event()  # set on every status change
+        self._drain_task: asyncio.Task[None] | None = None
+
+    # --- status
+
+    def _set_changed(self) -> None:
+        self.changed.set()
+        if self.metrics is not None:
+            self.metrics.ready.labels(self.name).set(1 if self.ready() else 0)
+
+    def not_ready(self) -> list[str]:
+        reasons = []
+        if self.refused:
+            reasons.append(f"refused: {self.refused}")
+        if not self.connected:
+            reasons.append("not connected" + (f": {self.last_error}" if self.last_error else ""))
+        if self.connected and not self.stores:
+            reasons.append("cluster-config not read yet")
+        for prefix, store in self.stores.items():
+            if not store.live.is_set():
+                state = "watcher stopped" if store.synced.is_set() else "not synced"
+                reasons.append(f"{SHORT[prefix]} {state}")
+        if self.connected and self.heartbeat.stale():
+            reasons.append(f"heartbeat stale ({self.heartbeat.age():.0f} s old)")
+        return reasons
+
+    def ready(self) -> bool:
+        return not self.not_ready()
+
+    def status(self) -> RemoteStatus:
+        rejected: dict[str, int] = {}
+        rejected_keys: list[tuple[str, str]] = []
+        for prefix, store in self.stores.items():
+            if store.rejected:
+                rejected[SHORT[prefix]] = len(store.rejected)
+                rejected_keys.extend(sorted(store.rejected.items())[:5])
+        counts = self.view.counts.get(self.name, {})
+        return RemoteStatus(
+            name=self.name,
+            local=self.is_local,
+            connected=self.connected,
+            ready=self.ready(),
+            cluster_id=self.info.id if self.info else None,
+            refused=self.refused,
+            synced={SHORT[p]: s.synced.is_set() for p, s in self.stores.items()},
+            counts={
+                "nodes": counts.get("node", 0),
+                "endpoints": counts.get("ipcache", 0),
+                "identities": counts.get("identity", 0),
+                "services": counts.get("service", 0),
+            },
+            rejected=rejected,
+            rejected_keys=rejected_keys[:10],
+            reconnections=max(self.sessions - 1, 0),
+            failures=self.failures,
+            last_error=str(self.last_error) if self.last_error else None,
+            last_error_reason=getattr(self.last_error, "reason", "refused") if self.last_error else None,
+            last_error_age=round(self.clock() - self.last_error_at, 1) if self.last_error_at else None,
+            heartbeat_age=round(age, 1) if (age := self.heartbeat.age()) is not None else None,
+            not_ready=self.not_ready(),
+        )
+
+    # --- the loop
+
+    def _failure(self, exc: errors.KVStoreError | Refused) -> None:
+        self.failures += 1
+        self.last_error = exc
+        self.last_error_at = self.clock()
+        if self.metrics is not None:
+            self.metrics.failures.labels(self.name).inc()
+            self.metrics.last_failure.labels(self.name).set(time.time())
+        self._set_changed()
+
+    async def run(self) -> None:
+        """Sessions until cancelled (kept trivial: the steps are tested)."""
+        try:
+            while True:
+                try:
+                    await self.session()
+                except Refused as exc:
+                    log.warning("cluster %s refused: %s", self.name, exc)
+                    self.refused = str(exc)
+                    self._failure(exc)
+                    self._schedule_drain()
+                    await asyncio.sleep(self.refused_retry)
+                    continue
+                except errors.KVStoreError as exc:
+                    log.warning("cluster %s: %s", self.name, exc)
+                    self._failure(exc)
+                    self._schedule_drain()
+                await asyncio.sleep(self.backoff.next())
+        finally:
+            self._cancel_drain()
+
+    def _etcd_config(self) -> EtcdConfig:
+        if self.config is not None:
+            return self.config
+        assert self.config_path is not None
+        return load_config_file(self.config_path)
+
+    async def session(self) -> None:
+        backend = await self.connect(self._etcd_config())
+        try:
+            self.connected = True
+            self._cancel_drain()
+            self._set_changed()
+            info = await self._check_config(backend)
+            self.refused = None
+            self._prepare(info)
+            self.sessions += 1
+            self.backoff.reset()
+            await self._watch(backend)
+        finally:
+            self.connected = False
+            self._set_changed()
+            await backend.close()
+            self._schedule_drain()
+
+    async def _check_config(self, backend: Backend) -> ClusterInfo:
+        key = keys.cluster_config_key(self.name)
+        try:
+            entry = await backend.get(key)
+        except errors.PermissionDenied as exc:
+            raise Refused(
+                f"cannot read {key}: the etcd at {self._etcd_config().describe()} may belong to another cluster ({exc})"
+            ) from None
+        if entry is None:
+            raise Refused(f"no {key} in its etcd: is its apiserver running, and is this the right etcd?")
+        try:
+            config = wire.decode(wire.ClusterConfig, key, entry.value)
+        except ModelError as exc:
+            raise Refused(f"unreadable cluster-config: {exc}") from None
+        if self.is_local:
+            if config.id != self.registry.local.id:
+                raise Refused(
+                    f"the local etcd's cluster-config says ID {config.id}, this agent runs with cluster ID "
+                    f"{self.registry.local.id}: check --cluster-id"
+                )
+            return self.registry.local
+        info = self.registry.check(self.name, config)
+        self.registry.reserve(info)
+        return info
+
+    def _prepare(self, info: ClusterInfo) -> None:
+        """Watch stores for `info`; a cluster whose ID changed is drained first (its identities changed too)."""
+        if self.info == info and self.stores:
+            return
+        if self.stores:
+            log.warning("cluster %s changed from ID %s to %s: dropping its old state", self.name,
+                        self.info.id if self.info else "?", info.id)  # fmt: skip
+            self.drain()
+        self.info = info
+        self.decoders = decoders_for(info)
+        decode = {
+            keys.NODES_PREFIX: self.decoders.node,
+            keys.IPCACHE_PREFIX: self.decoders.ip,
+            keys.IDENTITIES_PREFIX: self.decoders.identity,
+            keys.SERVICES_PREFIX: self.decoders.service,
+        }
+        self.stores = {
+            prefix: WatchStore(
+                prefix=key_prefix,
+                decode=decode[prefix],
+                observer=self.view.observer(self.name, PREFIX_KINDS[prefix]),
+                name=f"{self.name}/{SHORT[prefix]}",
+                synced_canary=keys.synced_key(self.name, prefix),
+                metrics=self.kvmetrics,
+                on_batch=self.metrics.propagation.labels(self.name).observe if self.metrics else None,
+            )
+            for prefix, key_prefix in self.decoders.prefixes.items()
+        }
+
+    async def _watch(self, backend: Backend) -> None:
+        tasks = [asyncio.create_task(store.run(backend), name=f"{self.name}-{SHORT[p]}")
+                 for p, store in self.stores.items()]  # fmt: skip
+        tasks.append(asyncio.create_task(self.heartbeat.run(backend), name=f"{self.name}-heartbeat"))
+        tasks.append(asyncio.create_task(self._watchdog(), name=f"{self.name}-watchdog"))
+        live = [asyncio.create_task(s.live.wait()) for s in self.stores.values()]
+        notify = asyncio.create_task(self._notify_when(live))
+        everything: list[asyncio.Task[Any]] = [*tasks, *live, notify]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for finished in done:
+                finished.result()  # raises the cause
+            raise errors.BackendUnavailable(f"cluster {self.name}: a watcher ended")
+        finally:
+            for task in everything:
+                task.cancel()
+            await asyncio.gather(*everything, return_exceptions=True)
+
+    async def _notify_when(self, live: list[asyncio.Task[Any]]) -> None:
+        for waiter in asyncio.as_completed(live):
+            await waiter
+            self._set_changed()
+        log.info("cluster %s: every prefix synced", self.name)
+
+    async def _watchdog(self) -> None:
+        interval = max(0.05, min(5.0, self.heartbeat_max_age / 10))
+        was_stale = False
+        while True:
+            await asyncio.sleep(interval)
+            stale = self.heartbeat.stale()
+            if stale != was_stale:
+                self._set_changed()
+                was_stale = stale
+            if stale:
+                raise RemoteStale(f"cluster {self.name}: no heartbeat for {self.heartbeat.age():.0f} s")
+
+    # --- draining
+
+    def drain(self, prefixes: list[str] | None = None) -> None:
+        for prefix, store in self.stores.items():
+            if prefixes is None or prefix in prefixes:
+                store.drain()
+        self._set_changed()
+
+    def _schedule_drain(self) -> None:
+        if self.cache_ttl <= 0 or self._drain_task is not None:
+            return
+
+        async def drain_later() -> None:
+            await asyncio.sleep(self.cache_ttl)
+            log.warning("cluster %s disconnected for %.0f s: draining its services", self.name, self.cache_ttl)
+            self.drain([keys.SERVICES_PREFIX])
+            self._drain_task = None
+
+        self._drain_task = asyncio.create_task(drain_later(), name=f"{self.name}-drain")
+
+    def _cancel_drain(self) -> None:
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+
+    async def remove(self, task: asyncio.Task[None] | None) -> None:
+        """The cluster left the configuration: stop, drain everything, release its ID."""
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._cancel_drain()
+        self.drain()
+        self.registry.release(self.name)
