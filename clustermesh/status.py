@@ -50,8 +50,20 @@ async def request(socket: Path, method: str, path: str, body: Any = None, timeou
 
 
 async def fetch_status(socket: Path, *, wait: float | None = None) -> dict[str, Any]:
-    path = "/v1/status" + (f"?wait={wait}" if wait else "")
-    status, document = await request(socket, "GET", path, timeout=(wait or 0) + 30)
+    """The agent's status; with `wait`, first for the agent to answer at all (it may be starting), then for it to
+    be ready, within `wait` seconds in all."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (wait or 0)
+    while True:
+        remaining = deadline - loop.time()
+        path = "/v1/status" + (f"?wait={remaining:.1f}" if wait and remaining > 0 else "")
+        try:
+            status, document = await request(socket, "GET", path, timeout=max(remaining, 0) + 30)
+            break
+        except AgentUnreachable:
+            if not wait or remaining <= 0:
+                raise
+            await asyncio.sleep(0.2)  # the agent is not up yet: there is nothing to wait on but time
     if status != 200 or not isinstance(document, dict):
         raise AgentUnreachable(f"the agent at {socket} answered {status}: {document}")
     return document
