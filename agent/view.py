@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from clustermesh.model import wire
+from clustermesh.model import keys, wire
 from clustermesh.model.remotes import IdentityEntry
 
 __all__ = ["Change", "GlobalService", "MergedView", "ServiceBackend", "Subscription"]
+
+_IP_PREFIX_LENGTH = len(keys.ipcache_key_prefix())
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,9 @@ Kind = Literal["node", "ipcache", "identity", "service"]
 KINDS: tuple[Kind, ...] = ("node", "ipcache", "identity", "service")
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
+    """One change of the view (a tuple: a sync makes one per entry, and tuples are the cheapest to make)."""
+
     kind: Kind
     op: Literal["upsert", "delete"]
     key: str
@@ -62,14 +65,35 @@ class GlobalService:
 
 
 class Subscription:
-    """Changes of the view in order; `get()` waits for the next one."""
+    """Changes of the view in order; `get()` waits for the next one, `drain()` takes all that are there.
+
+    A deque and one event rather than an asyncio.Queue: a sync of 100k entries puts 100k changes, and a queue wakes
+    a waiter future for each of them.
+    """
 
     def __init__(self, view: MergedView) -> None:
         self._view = view
-        self.queue: asyncio.Queue[Change] = asyncio.Queue()
+        self.pending: deque[Change] = deque()
+        self._ready = asyncio.Event()
+
+    def wake(self) -> None:
+        if not self._ready.is_set():
+            self._ready.set()
 
     async def get(self) -> Change:
-        return await self.queue.get()
+        while not self.pending:
+            self._ready.clear()
+            await self._ready.wait()
+        return self.pending.popleft()
+
+    async def drain(self) -> list[Change]:
+        """Every change waiting (at least one): datapaths apply changes in batches."""
+        while not self.pending:
+            self._ready.clear()
+            await self._ready.wait()
+        changes = list(self.pending)
+        self.pending.clear()
+        return changes
 
     def close(self) -> None:
         self._view.unsubscribe(self)
@@ -86,13 +110,15 @@ class MergedView:
     def __init__(self, local_cluster: str) -> None:
         self.local_cluster = local_cluster
         self.nodes: dict[str, wire.Node] = {}  # "<cluster>/<name>"
-        self._ips: dict[str, dict[str, wire.IPIdentityPair]] = defaultdict(dict)  # ip key -> cluster -> entry
+        self._ip_entries: dict[str, wire.IPIdentityPair] = {}  # ip key -> the entry in use
+        self._ip_owner: dict[str, str] = {}  # ip key -> the cluster of the entry in use
+        self._ip_shadowed: dict[str, dict[str, wire.IPIdentityPair]] = {}  # ip key -> other clusters' claims
+        self._ip_counts: dict[str, int] = {}
         self.identities: dict[int, IdentityEntry] = {}
         self._identity_cluster: dict[int, str] = {}
         self._services: dict[str, _ServiceInputs] = defaultdict(_ServiceInputs)
         self.services: dict[str, GlobalService] = {}
-        self.counts: dict[str, dict[Kind, int]] = defaultdict(lambda: dict.fromkeys(KINDS, 0))
-        self.conflicts: dict[str, set[str]] = {}  # ip key -> clusters claiming it (more than one)
+        self._counts: dict[str, dict[Kind, int]] = defaultdict(lambda: dict.fromkeys(KINDS, 0))
         self._subscribers: list[Subscription] = []
         self.changes = 0
 
@@ -110,18 +136,24 @@ class MergedView:
     def _emit(self, change: Change) -> None:
         self.changes += 1
         for subscription in self._subscribers:
-            subscription.queue.put_nowait(change)
+            subscription.pending.append(change)
+            subscription.wake()
 
     # --- lookups
 
     def ipcache(self, ip_key: str) -> wire.IPIdentityPair | None:
-        claims = self._ips.get(ip_key)
-        if not claims:
-            return None
-        return claims.get(self.local_cluster) or next(iter(claims.values()))
+        return self._ip_entries.get(ip_key)
+
+    def ipcache_cluster(self, ip_key: str) -> str | None:
+        return self._ip_owner.get(ip_key)
 
     def ipcache_keys(self) -> list[str]:
-        return [key for key, claims in self._ips.items() if claims]
+        return list(self._ip_entries)
+
+    @property
+    def conflicts(self) -> dict[str, set[str]]:
+        """IP keys claimed by more than one cluster, and the clusters."""
+        return {ip: {self._ip_owner[ip], *shadow} for ip, shadow in self._ip_shadowed.items()}
 
     # --- observers (called by each cluster's WatchStores)
 
@@ -135,7 +167,20 @@ class MergedView:
         getattr(self, f"_delete_{kind}")(cluster, key, value)
 
     def _count(self, cluster: str, kind: Kind, delta: int) -> None:
-        self.counts[cluster][kind] += delta
+        self._counts[cluster][kind] += delta
+
+    def count(self, cluster: str, kind: Kind) -> int:
+        if kind == "ipcache":
+            return self._ip_counts.get(cluster, 0)
+        return self._counts[cluster][kind] if cluster in self._counts else 0
+
+    @property
+    def counts(self) -> dict[str, dict[Kind, int]]:
+        """Entries per cluster and kind (an ipcache entry counts for every cluster that claims it)."""
+        result = {cluster: dict(kinds) for cluster, kinds in self._counts.items()}
+        for cluster, number in self._ip_counts.items():
+            result.setdefault(cluster, dict.fromkeys(KINDS, 0))["ipcache"] = number
+        return result
 
     def _upsert_node(self, cluster: str, key: str, node: wire.Node) -> None:
         name = f"{cluster}/{node.Name}"
@@ -150,30 +195,76 @@ class MergedView:
             self._count(cluster, "node", -1)
             self._emit(Change("node", "delete", name, node, cluster))
 
+    # The ipcache is the big one (one entry per endpoint of every cluster): kept flat, one entry per IP, and the
+    # rare second claim of an IP by another cluster (a broken mesh) kept aside, the local cluster's claim winning.
+
     def _upsert_ipcache(self, cluster: str, key: str, pair: wire.IPIdentityPair) -> None:
-        ip_key = pair.key_name()
-        claims = self._ips[ip_key]
-        if cluster not in claims:
-            self._count(cluster, "ipcache", 1)
-        claims[cluster] = pair
-        if len(claims) > 1:
-            self.conflicts[ip_key] = set(claims)
-            log.warning("IP %s is claimed by clusters %s", ip_key, ", ".join(sorted(claims)))
-        self._emit(Change("ipcache", "upsert", ip_key, self.ipcache(ip_key), cluster))
+        ip_key = key[_IP_PREFIX_LENGTH:]  # the validator checked that the key is the entry's IP (or CIDR)
+        owner = self._ip_owner.get(ip_key)
+        if owner is None or owner == cluster:
+            if owner is None:
+                self._ip_owner[ip_key] = cluster
+                self._ip_counts[cluster] = self._ip_counts.get(cluster, 0) + 1
+            self._ip_entries[ip_key] = pair
+            self._emit(Change("ipcache", "upsert", ip_key, pair, cluster))
+            return
+        shadow = self._ip_shadowed.setdefault(ip_key, {})
+        if cluster not in shadow:
+            self._ip_counts[cluster] = self._ip_counts.get(cluster, 0) + 1
+        log.warning("IP %s is claimed by clusters %s and %s", ip_key, owner, cluster)
+        if cluster == self.local_cluster:  # the local claim wins: the active one steps aside
+            shadow.pop(cluster, None)
+            shadow[owner] = self._ip_entries[ip_key]
+            self._ip_owner[ip_key] = cluster
+            self._ip_entries[ip_key] = pair
+            self._emit(Change("ipcache", "upsert", ip_key, pair, cluster))
+        else:
+            shadow[cluster] = pair
+
+    def _upserts_ipcache(self, cluster: str, items: list[tuple[str, wire.IPIdentityPair]]) -> None:
+        """A page of a list: the common case (new IPs, or this cluster's own) in one tight loop."""
+        owners, entries, changes = self._ip_owner, self._ip_entries, []
+        added = 0
+        for key, pair in items:
+            ip_key = key[_IP_PREFIX_LENGTH:]
+            owner = owners.get(ip_key)
+            if owner is None:
+                owners[ip_key] = cluster
+                added += 1
+            elif owner != cluster:
+                self._upsert_ipcache(cluster, key, pair)  # a conflict: the careful path
+                continue
+            entries[ip_key] = pair
+            changes.append(Change("ipcache", "upsert", ip_key, pair, cluster))
+        self._ip_counts[cluster] = self._ip_counts.get(cluster, 0) + added
+        self.changes += len(changes)
+        for subscription in self._subscribers:
+            subscription.pending.extend(changes)
+            subscription.wake()
 
     def _delete_ipcache(self, cluster: str, key: str, pair: wire.IPIdentityPair) -> None:
-        ip_key = pair.key_name()
-        claims = self._ips.get(ip_key)
-        if not claims or claims.pop(cluster, None) is None:
+        ip_key = key[_IP_PREFIX_LENGTH:]
+        owner = self._ip_owner.get(ip_key)
+        shadow = self._ip_shadowed.get(ip_key)
+        if owner != cluster:
+            if shadow is not None and shadow.pop(cluster, None) is not None:
+                self._ip_counts[cluster] -= 1
+                if not shadow:
+                    del self._ip_shadowed[ip_key]
             return
-        self._count(cluster, "ipcache", -1)
-        if len(claims) <= 1:
-            self.conflicts.pop(ip_key, None)
-        if claims:
-            self._emit(Change("ipcache", "upsert", ip_key, self.ipcache(ip_key), cluster))
-        else:
-            del self._ips[ip_key]
-            self._emit(Change("ipcache", "delete", ip_key, pair, cluster))
+        self._ip_counts[cluster] -= 1
+        if shadow:  # another cluster still claims it: its entry takes over
+            successor = self.local_cluster if self.local_cluster in shadow else next(iter(shadow))
+            replacement = shadow.pop(successor)
+            if not shadow:
+                del self._ip_shadowed[ip_key]
+            self._ip_owner[ip_key] = successor
+            self._ip_entries[ip_key] = replacement
+            self._emit(Change("ipcache", "upsert", ip_key, replacement, successor))
+            return
+        del self._ip_owner[ip_key]
+        del self._ip_entries[ip_key]
+        self._emit(Change("ipcache", "delete", ip_key, pair, cluster))
 
     def _upsert_identity(self, cluster: str, key: str, entry: IdentityEntry) -> None:
         if entry.id not in self.identities:
@@ -266,15 +357,22 @@ def _zone(service: wire.ClusterService, ip: str) -> str:
 
 
 class _Observer:
-    """Adapts one cluster's WatchStore of one kind to the view."""
+    """Adapts one cluster's WatchStore of one kind to the view (the view's methods are looked up once)."""
 
     def __init__(self, view: MergedView, cluster: str, kind: Kind) -> None:
-        self.view = view
         self.cluster = cluster
-        self.kind = kind
+        self._upsert = getattr(view, f"_upsert_{kind}")
+        self._delete = getattr(view, f"_delete_{kind}")
+        single = self._upsert
+        self._upserts = getattr(view, f"_upserts_{kind}", None) or (
+            lambda cluster, items: [single(cluster, key, value) for key, value in items]
+        )
 
     def on_upsert(self, key: str, value: Any) -> None:
-        self.view.upsert(self.cluster, self.kind, key, value)
+        self._upsert(self.cluster, key, value)
 
     def on_delete(self, key: str, value: Any) -> None:
-        self.view.delete(self.cluster, self.kind, key, value)
+        self._delete(self.cluster, key, value)
+
+    def on_upserts(self, items: list[tuple[str, Any]]) -> None:
+        self._upserts(self.cluster, items)

@@ -50,6 +50,9 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 class Listing(msgspec.Struct, frozen=True):
+    """Entries of a list carry key, value, mod_revision and lease (not version and create_revision: a list of
+    100k keys is read often, and every field read from a protobuf message costs; `get` has them all)."""
+
     entries: list[Entry]
     revision: int
 
@@ -94,6 +97,11 @@ class Backend(Protocol):
 
     async def list_prefix(self, prefix: str) -> Listing:
         """Every entry whose key starts with `prefix`, all at one revision (paged as needed)."""
+        ...
+
+    def list_pages(self, prefix: str) -> AsyncIterator[Listing]:
+        """The same, page by page (each page's `revision` is the listing's), so a reader can work while the next
+        page comes."""
         ...
 
     async def commit(self, ops: Sequence[WriteOp]) -> int:

@@ -220,21 +220,41 @@ class EtcdBackend:
         return _entry(kv)
 
     async def list_prefix(self, prefix: str) -> Listing:
-        end = prefix_range_end(prefix)
-        start = prefix.encode()
-        revision = 0
         entries: list[Entry] = []
+        revision = 0
+        async for page in self.list_pages(prefix):
+            entries.extend(page.entries)
+            revision = page.revision
+        return Listing(entries, revision)
+
+    async def _range(self, prefix: str, start: bytes, end: bytes, revision: int) -> Any:
+        with _translating(f"list {prefix}", user=self.user):
+            return await self._kv.get(
+                start, end, revision=revision, limit=LIST_PAGE_SIZE, timeout=max(self.timeout, 60.0)
+            )
+
+    async def list_pages(self, prefix: str) -> AsyncIterator[Listing]:
+        """The entries under `prefix` page by page, all at the first page's revision. The next page is asked for
+        before the current one is handed out, so etcd produces it while the caller decodes this one."""
+        end = prefix_range_end(prefix)
+        response = await self._range(prefix, prefix.encode(), end, 0)
+        revision = int(response.header.revision)
         while True:
-            with _translating(f"list {prefix}", user=self.user):
-                response = await self._kv.get(
-                    start, end, revision=revision, limit=LIST_PAGE_SIZE, timeout=max(self.timeout, 60.0)
-                )
-            if revision == 0:
-                revision = response.header.revision
-            entries.extend(_entry(kv) for kv in response.kvs)
-            if not response.more or not response.kvs:
-                return Listing(entries, revision)
-            start = response.kvs[-1].key + b"\x00"
+            following: asyncio.Task[Any] | None = None
+            if response.more and response.kvs:
+                following = asyncio.ensure_future(self._range(prefix, response.kvs[-1].key + b"\x00", end, revision))
+                await asyncio.sleep(0)  # let the request go out now, before the caller works on this page
+            try:
+                yield Listing([Entry(kv.key.decode(), kv.value, kv.mod_revision, kv.lease) for kv in response.kvs],
+                              revision)  # fmt: skip
+            except BaseException:
+                if following is not None:
+                    following.cancel()
+                    await asyncio.gather(following, return_exceptions=True)
+                raise
+            if following is None:
+                return
+            response = await following
 
     async def count_prefix(self, prefix: str) -> int:
         with _translating(f"count {prefix}", user=self.user):

@@ -82,7 +82,10 @@ class MemoryBackend:
     async def list_prefix(self, prefix: str) -> Listing:
         self._check()
         entries = [self._data[key] for key in sorted(self._data) if key.startswith(prefix)]
-        return Listing(entries, self._revision)
+        return Listing([Entry(e.key, e.value, e.mod_revision, e.lease) for e in entries], self._revision)
+
+    async def list_pages(self, prefix: str) -> AsyncIterator[Listing]:
+        yield await self.list_prefix(prefix)
 
     async def _apply(self, ops: Sequence[WriteOp]) -> int:
         for op in ops:

@@ -85,8 +85,11 @@ async def check_snapshot_then_changes(backend: Backend, prefix: str) -> None:
         rev = await backend.commit([PutOp(f"{prefix}a", b"3"), DeleteOp(f"{prefix}b")])
         batch = await _next_batch(stream)
         a = listing.entries[0]
-        assert batch == [Upsert(f"{prefix}a", b"3", rev, 0, 2, a.create_revision), Delete(f"{prefix}b", rev)], batch
-        assert a.version == 1 and a.create_revision == a.mod_revision
+        assert batch == [Upsert(f"{prefix}a", b"3", rev, 0, 2, a.mod_revision), Delete(f"{prefix}b", rev)], batch
+        fresh = await backend.get(f"{prefix}b")
+        assert fresh is None
+        current = await backend.get(f"{prefix}a")
+        assert current is not None and current.version == 2 and current.create_revision == a.mod_revision
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
 

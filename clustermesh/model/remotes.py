@@ -62,6 +62,7 @@ def decoders_for(cluster: ClusterInfo) -> RemoteDecoders:
     """The validating decoders for values read from `cluster`'s etcd."""
     name, cluster_id = cluster.name, cluster.id
     own = identity_range(cluster_id, cluster.max_connected_clusters)
+    first, last = own.first, own.last
     decode_node = wire.decoder_for(wire.Node)
     decode_pair = wire.decoder_for(wire.IPIdentityPair)
     decode_service = wire.decoder_for(wire.ClusterService)
@@ -84,8 +85,9 @@ def decoders_for(cluster: ClusterInfo) -> RemoteDecoders:
         value = decode_pair(key, data)
         if key[len(ip_prefix) :] != value.key_name():
             raise InvalidValue(key, f"IP does not match key: the entry is for {value.key_name()}")
-        if value.ID not in own and not 0 < value.ID <= RESERVED_MAX:
-            raise InvalidValue(key, f"identity out of range: {value.ID} is not in {name}'s range {own}")
+        number = value.ID
+        if not (first <= number <= last or 0 < number <= RESERVED_MAX):
+            raise InvalidValue(key, f"identity out of range: {number} is not in {name}'s range {own}")
         return value
 
     def identity(key: str, data: bytes) -> IdentityEntry:
