@@ -172,7 +172,7 @@ class RemoteCluster:
             reasons.append("not connected" + (f": {self.last_error}" if self.last_error else ""))
         if self.connected and not self.stores:
             reasons.append("cluster-config not read yet")
-        for prefix, store in self.stores.items():
+        for prefix, store in self.stores.items() if self.connected else ():
             if not store.live.is_set():
                 state = "watcher stopped" if store.synced.is_set() else "not synced"
                 reasons.append(f"{SHORT[prefix]} {state}")

@@ -52,14 +52,17 @@ def create_cluster_pki(
     server_hosts: list[str] | None = None,
     days: int = authority.DEFAULT_LEAF_DAYS,
     overwrite: bool = False,
+    ca: authority.Issued | None = None,
 ) -> ClusterPKI:
+    """A cluster's PKI; with `ca`, one CA shared by several clusters (their agents then trust each other's etcd
+    without a CA bundle: `clustermesh connect` needs no --allow-mismatching-ca)."""
     pki = ClusterPKI(directory)
     if pki.ca.cert.exists() and not overwrite:
         raise PKIExists(
             f"{pki.ca.cert} exists: refusing to replace the CA of cluster {cluster} (pass --force to do so)"
         )
     hosts = list(dict.fromkeys([*DEFAULT_SERVER_HOSTS, *(server_hosts or [])]))
-    ca = authority.create_ca(f"{cluster}-ca")
+    ca = ca or authority.create_ca(f"{cluster}-ca")
     files.write_issued(ca, pki.ca)
     files.write_issued(authority.issue_server(ca, f"etcd-{cluster}", hosts=hosts, days=days), pki.server)
     for user in cluster_users(cluster):

@@ -1,6 +1,7 @@
-"""`make demo`: two clusters, each with a real etcd (mTLS) and a real `clustermesh-apiserver` process, publish a
-small cluster applied from YAML with `clustermesh apply`; the demo shows the keys in Cilium's format, then reads
-cluster 1 the way cluster 2's agents will: as the read-only user `remote-c2`.
+"""`make demo`: three clusters, each with a real etcd (mTLS), a real `clustermesh-apiserver` and a real
+`clustermesh-agent` process, publish small clusters applied from YAML with `clustermesh apply`; the demo shows the
+keys in Cilium's format, joins the three with `clustermesh connect` (mesh: every pair), shows `clustermesh status`
+with every cluster ready, then stops one cluster's etcd and shows the status naming it.
 
 Every step prints what it does and the commands a user would type. Everything started is stopped by its PID at the
 end, also on Ctrl-C or an error; the work folder is removed unless `--workdir` was given.
@@ -13,15 +14,18 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import certs
-from clustermesh import output
+from clustermesh import connecting, output
 from clustermesh.contexts import Context, ContextFile
 from clustermesh.kubectl import apply_objects, load_manifests
 from clustermesh.model import keys, wire
 from clustermesh.processes import Child
+from clustermesh.status import fetch_status, render_status
 from kvstore import errors, etcd, users
 from kvstore.config import EtcdConfig
 from kvstore.process import EtcdProcess, EtcdSpec
@@ -36,18 +40,24 @@ BIN = Path(sys.executable).parent
 
 @dataclass
 class DemoCluster:
-    """One cluster of the demo: its PKI, its etcd and its apiserver."""
+    """One cluster of the demo: its PKI (from the mesh's CA), its etcd, apiserver and one node's agent."""
 
     name: str
     id: int
     base: Path
+    ca: certs.Issued
     etcd: EtcdProcess | None = None
     apiserver: Child | None = None
+    agent: Child | None = None
     health: str = ""
     pki: certs.ClusterPKI = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pki = certs.create_cluster_pki(self.base / self.name / "pki", self.name, overwrite=True)
+        self.pki = certs.create_cluster_pki(self.base / self.name / "pki", self.name, overwrite=True, ca=self.ca)
+
+    @property
+    def socket(self) -> Path:
+        return self.base / self.name / "agent.sock"
 
     def config(self, user: str) -> EtcdConfig:
         assert self.etcd is not None
@@ -69,32 +79,50 @@ class DemoCluster:
         self.etcd = EtcdProcess(spec)
         self.etcd.start()
 
+    def _tls_flags(self, user: str) -> list[str]:
+        config = self.config(user)
+        return [
+            "--kvstore-endpoints", config.endpoints[0], "--kvstore-ca", str(config.ca_file),
+            "--kvstore-cert", str(config.cert_file), "--kvstore-key", str(config.key_file),
+        ]  # fmt: skip
+
     def start_apiserver(self) -> list[str]:
-        admin = self.config(f"admin-{self.name}")
         command = [
-            str(BIN / "clustermesh-apiserver"),
-            "--cluster-name", self.name,
-            "--cluster-id", str(self.id),
-            "--source", "standalone",
-            "--kvstore-endpoints", admin.endpoints[0],
-            "--kvstore-ca", str(admin.ca_file),
-            "--kvstore-cert", str(admin.cert_file),
-            "--kvstore-key", str(admin.key_file),
-            "--health-address", "127.0.0.1:0",
-            "--metrics-address", "127.0.0.1:0",
+            str(BIN / "clustermesh-apiserver"), "--cluster-name", self.name, "--cluster-id", str(self.id),
+            "--source", "standalone", *self._tls_flags(f"admin-{self.name}"),
+            "--health-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
         ]  # fmt: skip
         self.apiserver = Child(f"apiserver {self.name}", command, self.base / self.name / "apiserver.log")
         self.apiserver.start()
         self.health = self.apiserver.wait_for(r"health endpoint listening on http://(\S+)").group(1)
         return command
 
+    def start_agent(self) -> list[str]:
+        command = [
+            str(BIN / "clustermesh-agent"), "--cluster-name", self.name, "--cluster-id", str(self.id),
+            "--node-name", f"{self.name}-node-1", "--node-ip", f"192.168.{self.id}.11",
+            "--pod-cidr", f"10.{self.id}.1.0/24", *self._tls_flags(f"agent-{self.name}"),
+            "--clustermesh-config", str(self.base / self.name / "remotes"),
+            "--state-dir", str(self.base / self.name / "state"), "--api-socket", str(self.socket),
+        ]  # fmt: skip
+        self.agent = Child(f"agent {self.name}", command, self.base / self.name / "agent.log")
+        self.agent.start()
+        self.agent.wait_for(r"listening on ")
+        return command
+
     def stop(self) -> None:
-        if self.apiserver is not None and self.apiserver.pid is not None:
-            output.step(f"stopping the apiserver of {self.name} (pid {self.apiserver.pid})")
-            self.apiserver.stop()
+        for what, child in (("agent", self.agent), ("apiserver", self.apiserver)):
+            if child is not None and child.pid is not None:
+                output.step(f"stopping the {what} of {self.name} (pid {child.pid})")
+                child.stop()
         if self.etcd is not None and self.etcd.pid is not None:
             output.step(f"stopping the etcd of {self.name} (pid {self.etcd.pid})")
             self.etcd.stop()
+
+
+def _shown(command: list[str]) -> str:
+    """A command as a user would type it: programs by name, long paths of this run shortened."""
+    return " ".join(Path(part).name if part.startswith("/") and "/bin/" in part else part for part in command)
 
 
 async def init_users(cluster: DemoCluster) -> None:
@@ -204,52 +232,89 @@ def _summary(value: object) -> str:
 def main(workdir: Path | None = None) -> None:
     started = time.monotonic()
     keep = workdir is not None
-    base = workdir or Path(tempfile.mkdtemp(prefix="clustermesh-demo-"))
-    clusters = [DemoCluster("c1", 1, base), DemoCluster("c2", 2, base)]
+    base = workdir or Path(tempfile.mkdtemp(prefix="cm-demo-", dir="/tmp"))  # short: agent sockets live here
+    ca = certs.create_ca("mesh-ca")
+    clusters = [DemoCluster(f"c{i}", i, base, ca) for i in (1, 2, 3)]
     contexts = ContextFile(base / "config.yaml")
     try:
+        output.step(f"three clusters, one CA for the mesh ({base}), each with etcd, apiserver and one node's agent")
         for cluster in clusters:
-            output.step(f"cluster {cluster.name} (ID {cluster.id}): PKI in {cluster.pki.directory}")
             cluster.start_etcd()
             assert cluster.etcd is not None
-            output.step(
-                f"etcd of {cluster.name} serving on {cluster.etcd.spec.client_url} (pid {cluster.etcd.pid}), mTLS only"
-            )
             asyncio.run(init_users(cluster))
             output.step(
-                f"etcd users and roles of {cluster.name}, as `clustermesh etcd init --cluster {cluster.name}` makes "
-                f"them: root, admin-{cluster.name}, agent-{cluster.name}, role remote; auth on"
+                f"{cluster.name} (ID {cluster.id}): etcd on {cluster.etcd.spec.client_url} (pid {cluster.etcd.pid}), "
+                f"mTLS only; users and roles as `clustermesh etcd init --cluster {cluster.name}` makes them"
             )
             command = cluster.start_apiserver()
             assert cluster.apiserver is not None
-            output.step(f"$ {' '.join(Path(c).name if c.startswith('/') and 'bin' in c else c for c in command)}")
-            output.out.print(f"    pid {cluster.apiserver.pid}, health on http://{cluster.health}/readyz")
-            admin = cluster.config(f"admin-{cluster.name}")
-            contexts.add(Context(cluster.name, admin.endpoints, str(admin.ca_file), str(admin.cert_file),
-                                 str(admin.key_file)))  # fmt: skip
+            output.step(f"$ {_shown(command)}")
+            output.out.print(f"    pid {cluster.apiserver.pid}, /readyz on http://{cluster.health}")
+            root = cluster.config("root")
+            contexts.add(Context(cluster.name, root.endpoints, str(root.ca_file), str(root.cert_file),
+                                 str(root.key_file)))  # fmt: skip
         contexts.save()
         for cluster in clusters:
             manifest = EXAMPLES / f"cluster{cluster.id}.yaml"
-            output.step(f"$ clustermesh --config {contexts.path} --context {cluster.name} apply -f {manifest}")
+            output.step(f"$ clustermesh --context {cluster.name} apply -f examples/{manifest.name}")
             for line in asyncio.run(apply(cluster.config(f"admin-{cluster.name}"), manifest)):
                 output.out.print(f"    {line}")
+        entries = asyncio.run(wait_published(clusters[0].config("root"), clusters[0].name))
+        show_keys(clusters[0].name, entries)
         for cluster in clusters:
-            entries = asyncio.run(wait_published(cluster.config("root"), cluster.name))
-            show_keys(cluster.name, entries)
-        reader, target = clusters[1], clusters[0]
-        output.step(
-            f"cluster {reader.name}'s agents will read {target.name} as remote-{reader.name} (read-only): "
-            "each prefix after its synced canary"
+            command = cluster.start_agent()
+            assert cluster.agent is not None
+            output.step(f"$ {_shown(command)}")
+            output.out.print(f"    pid {cluster.agent.pid}, status on {cluster.socket}")
+        for source, destinations in (("c1", ["c2", "c3"]), ("c2", ["c3"])):
+            flags = " ".join(f"--destination-context {d}" for d in destinations)
+            output.step(f"$ clustermesh --config {contexts.path.name} --context {source} connect {flags}")
+            for destination in destinations:
+                for line in asyncio.run(_connect(contexts, source, destination)):
+                    output.out.print(f"    {line}")
+        output.step(f"$ clustermesh status --socket {clusters[0].socket} --wait")
+        document = asyncio.run(_status_when(clusters[0].socket, lambda d: d["ready"] and len(d["clusters"]) == 3))
+        render_status(document)
+        victim = clusters[2]
+        assert victim.etcd is not None
+        output.step(f"stopping the etcd of {victim.name} (pid {victim.etcd.pid}), as if its control plane died")
+        victim.etcd.kill()
+        output.step(f"$ clustermesh status --socket {clusters[0].socket}")
+        document = asyncio.run(_status_when(clusters[0].socket, lambda d: not d["ready"] and any(
+            c["name"] == victim.name and not c["connected"] for c in d["clusters"])))  # fmt: skip
+        render_status(document)
+        output.out.print(
+            f"    {victim.name}'s nodes and endpoints stay in the view (traffic to it keeps flowing); status says "
+            "the mesh is not ready, and why"
         )
-        asyncio.run(_ensure_remote(target, reader.name))
-        rows = asyncio.run(read_as_remote(target.config(f"remote-{reader.name}"), target.name))
-        output.print_table(["PREFIX", "KEY", "WHAT"], rows, title=f"{target.name} as seen by {reader.name}")
     finally:
         for cluster in reversed(clusters):
             cluster.stop()
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
     output.step(f"demo done in {time.monotonic() - started:.1f} s")
+
+
+async def _connect(contexts: ContextFile, source: str, destination: str) -> list[str]:
+    a = await connecting.open_side(contexts.get(source), contexts.path.parent, None)
+    try:
+        b = await connecting.open_side(contexts.get(destination), contexts.path.parent, None)
+        try:
+            return await connecting.connect_clusters(a, b, allow_mismatching_ca=False)
+        finally:
+            await b.backend.close()
+    finally:
+        await a.backend.close()
+
+
+async def _status_when(socket: Path, condition: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> Any:
+    """The agent's status once `condition` holds on it (the agent's own --wait covers readiness only)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            document = await fetch_status(socket, wait=5.0)
+            if condition(document):
+                return document
+            await asyncio.sleep(0.2)  # another process's state: nothing to wait on but its answers
 
 
 async def _ensure_remote(cluster: DemoCluster, peer: str) -> None:

@@ -141,6 +141,8 @@ async def probe_endpoint(config: EtcdConfig, endpoint: Endpoint) -> None:
 def _os_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is etcd running there?)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
