@@ -182,10 +182,10 @@ class WatchStore(Generic[T]):
             return None
         if self.rejected:
             self.rejected.pop(key, None)
-        old = self.entries.get(key)
-        if old is not None and old == value:
+        entries = self.entries
+        if key in entries and entries[key] == value:
             return None
-        self.entries[key] = value
+        entries[key] = value
         self._upserts += 1
         return value
 

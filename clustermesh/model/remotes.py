@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from clustermesh.model import keys, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import InvalidValue
@@ -81,9 +83,20 @@ def decoders_for(cluster: ClusterInfo) -> RemoteDecoders:
             raise InvalidValue(key, f"name does not match key: the node is called {value.Name!r}")
         return value
 
+    ip_prefix_length = len(ip_prefix)
+    raw_pair = msgspec.json.Decoder(wire.IPIdentityPair).decode
+
     def ip(key: str, data: bytes) -> wire.IPIdentityPair:
-        value = decode_pair(key, data)
-        if key[len(ip_prefix) :] != value.key_name():
+        # The ipcache is the hot path (one entry per endpoint): the decoder is called directly, and only its
+        # failures go through the wrapper that turns them into InvalidValue.
+        try:
+            value: wire.IPIdentityPair = raw_pair(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            value = decode_pair(key, data)  # raises InvalidValue with the reason
+        if value.Mask is None:
+            if key[ip_prefix_length:] != value.IP:
+                raise InvalidValue(key, f"IP does not match key: the entry is for {value.key_name()}")
+        elif key[ip_prefix_length:] != value.key_name():
             raise InvalidValue(key, f"IP does not match key: the entry is for {value.key_name()}")
         number = value.ID
         if not (first <= number <= last or 0 < number <= RESERVED_MAX):
