@@ -24,6 +24,7 @@ from agent.metrics import AgentMetrics
 from agent.remotes import ClusterRegistry, Connector, RemoteCluster, RemoteStatus
 from agent.view import KINDS, MergedView
 from clustermesh.model.clusters import ClusterInfo
+from daemon.tasks import cancel_and_wait
 from kvstore import etcd
 from kvstore.config import EtcdConfig
 from kvstore.heartbeat import HEARTBEAT_MAX_AGE
@@ -141,9 +142,7 @@ class Mesh:
 
     async def stop(self) -> None:
         tasks = [*self._tasks.values(), *self._watchers.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         self._tasks.clear()
         self._watchers.clear()
 

@@ -37,6 +37,7 @@ from clustermesh.model import keys, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
 from clustermesh.model.remotes import RemoteDecoders, decoders_for
+from daemon.tasks import cancel_and_wait
 from kvstore import errors
 from kvstore.backend import Backend
 from kvstore.config import EtcdConfig, load_config_file
@@ -244,6 +245,10 @@ class RemoteCluster:
                     log.warning("cluster %s: %s", self.name, exc)
                     self._failure(exc)
                     self._schedule_drain()
+                except Exception as exc:  # a bug must not stop this cluster for good: say it, and try again
+                    log.exception("cluster %s: unexpected failure", self.name)
+                    self._failure(errors.KVStoreError(f"unexpected {type(exc).__name__}: {exc}"))
+                    self._schedule_drain()
                 await asyncio.sleep(self.backoff.next())
         finally:
             self._cancel_drain()
@@ -340,9 +345,7 @@ class RemoteCluster:
                 finished.result()  # raises the cause
             raise errors.BackendUnavailable(f"cluster {self.name}: a watcher ended")
         finally:
-            for task in everything:
-                task.cancel()
-            await asyncio.gather(*everything, return_exceptions=True)
+            await cancel_and_wait(everything)
 
     async def _notify_when(self, live: list[asyncio.Task[Any]]) -> None:
         for waiter in asyncio.as_completed(live):

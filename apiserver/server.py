@@ -29,6 +29,7 @@ from clustermesh.model import keys
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.kinds import kind_by_name
 from daemon.http import Response, Route, metrics_route, text_route
+from daemon.tasks import cancel_and_wait
 from kvstore.backend import Backend
 from kvstore.heartbeat import HeartbeatWriter
 from kvstore.leases import DEFAULT_TTL, LeaseManager
@@ -153,9 +154,7 @@ class Apiserver:
                     raise task.exception()  # type: ignore[misc]
             await asyncio.gather(*tasks)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
 
     # --- HTTP
 

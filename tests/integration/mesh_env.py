@@ -228,19 +228,21 @@ def shared_ca_pki(base: Path, names: list[str]) -> dict[str, certs.ClusterPKI]:
 
 
 class ViewRecorder:
-    """Every change a merged view announces, and a way to wait for a condition on the view."""
+    """Every change a merged view announces, and a way to wait for a condition on the view.
+
+    It reads its subscription synchronously: what the view has announced is always in `changes` when asked.
+    """
 
     def __init__(self, view: MergedView) -> None:
         self.view = view
-        self.changes: list[Change] = []
+        self._changes: list[Change] = []
         self._subscription = view.subscribe()
-        self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._pump(), name="view-recorder")
 
-    async def _pump(self) -> None:
-        while True:
-            self.changes.append(await self._subscription.get())
-            self._changed.set()
+    @property
+    def changes(self) -> list[Change]:
+        self._changes.extend(self._subscription.pending)
+        self._subscription.pending.clear()
+        return self._changes
 
     def deletes(self, kind: str | None = None) -> list[str]:
         return [c.key for c in self.changes if c.op == "delete" and (kind is None or c.kind == kind)]
@@ -251,13 +253,10 @@ class ViewRecorder:
     async def wait_for(self, condition: Callable[[MergedView], bool], timeout: float = 20.0) -> None:
         async with asyncio.timeout(timeout):
             while not condition(self.view):
-                self._changed.clear()
-                await self._changed.wait()
+                self._changes.extend(await self._subscription.drain())
 
     async def close(self) -> None:
         self._subscription.close()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
 
 
 @dataclass

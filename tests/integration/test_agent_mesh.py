@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import certs
+from agent.view import MergedView
 from kvstore import errors, etcd
 from kvstore.backend import PutOp
 from tests.integration.mesh_env import (
@@ -76,19 +77,31 @@ C2_STATE = (
 )
 
 
-async def connected(mesh: dict[str, MeshCluster], tmp_path: Path, **options: float) -> Agent:
+def c2_complete(view: MergedView) -> bool:
+    """The whole of C2_STATE is in the view (the apiserver publishes it after the agent may have listed)."""
+    return (
+        {"c2/c2-n1", "c2/c2-n2"} <= set(view.nodes)
+        and view.ipcache("10.2.1.10") is not None
+        and view.ipcache("10.2.2.10") is not None
+        and "shop/echo" in view.services
+    )
+
+
+async def connected(mesh: dict[str, MeshCluster], tmp_path: Path, *, complete: bool = False, **options: float) -> Agent:
     config_dir = tmp_path / "remotes"
     wipe_dir(config_dir)
     mesh["c2"].write_remote_config(config_dir, "c1")
     agent = await start_agent(mesh["c1"], config_dir, **options)
     await agent.wait_status(lambda s: s.ready and len(s.clusters) == 2)
+    if complete:
+        await agent.recorder.wait_for(c2_complete)
     return agent
 
 
 async def test_a_remote_cluster_joins_the_merged_view(mesh: dict[str, MeshCluster], tmp_path: Path) -> None:
     await mesh["c1"].apply(service(["10.1.1.10"]) + "---" + node("c1", 1, "192.168.1.11"))
     await mesh["c2"].apply(C2_STATE)
-    agent = await connected(mesh, tmp_path)
+    agent = await connected(mesh, tmp_path, complete=True)
     try:
         view = agent.mesh.view
         await agent.recorder.wait_for(lambda v: len(v.ipcache_keys()) == 2 and "shop/echo" in v.services
@@ -131,7 +144,7 @@ async def test_affinity_local_prefers_local_backends(mesh: dict[str, MeshCluster
 
 async def test_remote_etcd_killed_and_restarted(mesh: dict[str, MeshCluster], tmp_path: Path) -> None:
     await mesh["c2"].apply(C2_STATE)
-    agent = await connected(mesh, tmp_path)
+    agent = await connected(mesh, tmp_path, complete=True)
     try:
         view = agent.mesh.view
         before = (sorted(view.nodes), sorted(view.ipcache_keys()), sorted(view.identities), sorted(view.services))
@@ -162,7 +175,7 @@ async def test_remote_etcd_killed_and_restarted(mesh: dict[str, MeshCluster], tm
 
 async def test_remote_etcd_wiped_and_refilled(mesh: dict[str, MeshCluster], tmp_path: Path) -> None:
     await mesh["c2"].apply(C2_STATE)
-    agent = await connected(mesh, tmp_path)
+    agent = await connected(mesh, tmp_path, complete=True)
     c2 = mesh["c2"]
     try:
         agent.recorder.clear()
@@ -183,7 +196,7 @@ async def test_remote_etcd_wiped_and_refilled(mesh: dict[str, MeshCluster], tmp_
 
 async def test_remote_apiserver_restart_shows_no_deletes(mesh: dict[str, MeshCluster], tmp_path: Path) -> None:
     await mesh["c2"].apply(C2_STATE)
-    agent = await connected(mesh, tmp_path)
+    agent = await connected(mesh, tmp_path, complete=True)
     try:
         agent.recorder.clear()
         await mesh["c2"].stop_apiserver()
@@ -363,7 +376,7 @@ async def test_services_of_a_disconnected_cluster_are_drained_after_the_cache_tt
     mesh: dict[str, MeshCluster], tmp_path: Path
 ) -> None:
     await mesh["c2"].apply(C2_STATE)
-    agent = await connected(mesh, tmp_path, cache_ttl=1.0)
+    agent = await connected(mesh, tmp_path, complete=True, cache_ttl=1.0)
     try:
         mesh["c2"].process.kill()
         await agent.recorder.wait_for(lambda v: "shop/echo" not in v.services)
