@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -27,6 +28,10 @@ import click
 from prometheus_client import CollectorRegistry
 
 from agent import api
+from agent.datapath.drivers import NativeDriver, VxlanDriver, WireguardDriver
+from agent.datapath.netlink import DatapathError
+from agent.datapath.pods import PodNetwork
+from agent.datapath.routing import Driver, Router
 from agent.endpoints import EndpointManager
 from agent.identities import IdentityAllocator, IdentityCollector
 from agent.mesh import Mesh
@@ -72,6 +77,10 @@ class AgentSettings:
     kube_context: str | None = None
     identity_gc_grace: float = 900.0
     scan_interval: float = 1.0
+    datapath: str = "none"
+    wireguard_interface: str = "cm_wg0"
+    wireguard_port: int = 51871
+    pod_supernets: list[str] = field(default_factory=lambda: ["10.0.0.0/8"])
 
 
 class LocalServices:
@@ -111,9 +120,41 @@ class Agent:
             registry=self.registry,
         )
         self.keys = load_or_create(settings.state_dir / "wireguard.key")
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.endpoints: EndpointManager | None = None
         self.store: ResourceStore | None = None
         self.allocator: IdentityAllocator | None = None
+        self.driver = make_driver(settings, self.keys_path) if settings.datapath != "none" else None
+        self.router = (
+            Router(self.mesh.view, self.driver, f"{settings.cluster.name}/{settings.node_name}")
+            if self.driver is not None
+            else None
+        )
+        self.pods = (
+            PodNetwork(
+                pod_cidr=settings.pod_cidrs[0],
+                router_ip=router_ip(settings.pod_cidrs[0]),
+                supernets=settings.pod_supernets,
+                state_dir=settings.state_dir,
+                mtu=self.driver.mtu,
+            )
+            if self.driver is not None and settings.pod_cidrs
+            else None
+        )
+
+    @property
+    def keys_path(self) -> Path:
+        return self.settings.state_dir / "wireguard.key"
+
+    def datapath_status(self) -> dict[str, Any]:
+        if self.router is None or self.driver is None:
+            return {"driver": "none"}
+        return {
+            **self.driver.describe(),
+            "peers": sorted(self.router.applied),
+            "applies": self.router.applies,
+            "last_error": self.router.last_error or None,
+        }
 
     def node_spec(self) -> NodeSpec:
         return NodeSpec(
@@ -177,16 +218,30 @@ class Agent:
     async def run(self) -> None:
         servers: list[HttpEndpoint] = []
         if self.settings.api_socket is not None:
-            servers.append(HttpEndpoint(unix_path=self.settings.api_socket,
-                                        routes=api.routes(self.mesh, lambda: self.endpoints)))  # fmt: skip
+            routes = api.routes(
+                self.mesh,
+                lambda: self.endpoints,
+                pods=self.pods,
+                supernets=self.settings.pod_supernets,
+                datapath=self.datapath_status,
+            )
+            servers.append(HttpEndpoint(unix_path=self.settings.api_socket, routes=routes))
         if self.settings.metrics_address is not None:
             host, port = self.settings.metrics_address
             servers.append(HttpEndpoint(host, port, routes={"/metrics": metrics_route(self.registry)}))
         for server in servers:
             await server.start()
             log.info("listening on %s", f"http://{server.address}" if server.unix_path is None else server.address)
+        jobs = [self.mesh.run(), self._local_jobs()]
+        if self.pods is not None:
+            try:
+                await self.pods.setup_node()
+            except DatapathError as exc:  # the control plane still runs; pods cannot be attached, and say why
+                log.error("cannot prepare this node for pods: %s", exc)
+        if self.router is not None:
+            jobs.append(self.router.run())
         try:
-            await asyncio.gather(self.mesh.run(), self._local_jobs())
+            await asyncio.gather(*jobs)
         finally:
             for server in servers:
                 await server.stop()
@@ -200,6 +255,28 @@ async def _run_until_signalled(agent: Agent) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     log.info("stopped")
+
+
+def router_ip(pod_cidr: str) -> str:
+    """The node's own address in its pod CIDR: the first host (pods reach the rest of the mesh through it)."""
+    return str(next(ipaddress.ip_network(pod_cidr, strict=False).hosts()))
+
+
+def make_driver(settings: AgentSettings, key_path: Path) -> Driver:
+    if settings.datapath == "native":
+        return NativeDriver()
+    if not settings.node_ips or not settings.pod_cidrs:
+        raise click.UsageError(f"--datapath {settings.datapath} needs --node-ip and --pod-cidr")
+    if settings.datapath == "wireguard":
+        return WireguardDriver(
+            interface=settings.wireguard_interface,
+            private_key=key_path,
+            port=settings.wireguard_port,
+            address=router_ip(settings.pod_cidrs[0]),
+        )
+    if settings.datapath == "vxlan":
+        return VxlanDriver(node_ip=settings.node_ips[0], pod_cidr=settings.pod_cidrs[0])
+    raise click.UsageError(f"unknown --datapath {settings.datapath!r}")
 
 
 def _boot_id() -> str:
@@ -241,6 +318,18 @@ def _boot_id() -> str:
 @click.option("--boot-id", default=None, help="Default: the kernel's boot ID.")
 @click.option("--identity-gc-grace", default=900.0, show_default=True,
               help="Seconds an identity no endpoint uses is kept before it is deleted.")  # fmt: skip
+@click.option(
+    "--datapath",
+    type=click.Choice(["none", "native", "wireguard", "vxlan"]),
+    default="none",
+    show_default=True,
+    help="How pods of different nodes reach each other; 'none' runs the control plane only.",
+)
+@click.option("--wireguard-interface", default="cm_wg0", show_default=True,
+              help="The WireGuard interface (its control socket is host-wide: unique per host).")  # fmt: skip
+@click.option("--wireguard-port", default=51871, show_default=True)
+@click.option("--pod-supernet", "pod_supernets", multiple=True, default=["10.0.0.0/8"], show_default=True,
+              help="What pods reach through their node (no default route is given to pods).")  # fmt: skip
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def main(**params: Any) -> None:
     """Run the node agent: publish this node, read every cluster of the mesh, serve the status."""
@@ -271,5 +360,9 @@ def main(**params: Any) -> None:
         kubeconfig=params["kubeconfig"],
         kube_context=params["kube_context"],
         identity_gc_grace=params["identity_gc_grace"],
+        datapath=params["datapath"],
+        wireguard_interface=params["wireguard_interface"],
+        wireguard_port=params["wireguard_port"],
+        pod_supernets=list(params["pod_supernets"]),
     )
     asyncio.run(_run_until_signalled(Agent(settings)))

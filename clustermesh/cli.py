@@ -511,6 +511,114 @@ def status(socket_path: Path, wait: bool, timeout: float, output_format: str) ->
     raise SystemExit(0 if document["ready"] else 1)
 
 
+# --- lab
+
+
+@cli.group("lab")
+def lab_group() -> None:
+    """A multi-cluster mesh on this host, out of network namespaces: no Docker, no Kubernetes (needs root)."""
+
+
+def _lab_errors(work: Callable[[], T]) -> T:
+    from clustermesh.lab.layout import LabError
+
+    try:
+        return work()
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@lab_group.command("up")
+@click.option("--name", default="cmlab", show_default=True, help="The lab's name (1-8 lower-case letters, digits).")
+@click.option("--clusters", default=2, show_default=True)
+@click.option("--nodes", default=2, show_default=True, help="Nodes per cluster.")
+@click.option("--pods", default=2, show_default=True, help="Pods per node.")
+@click.option("--routing", type=click.Choice(["wireguard", "vxlan", "native"]), default="wireguard",
+              show_default=True)  # fmt: skip
+def lab_up(name: str, clusters: int, nodes: int, pods: int, routing: str) -> None:
+    """Build the lab: underlay, per cluster etcd and apiserver, per node an agent, pods, all clusters connected."""
+    from clustermesh.lab.lab import Lab
+    from clustermesh.lab.layout import LabLayout
+
+    def up() -> None:
+        lab = Lab(LabLayout(name, clusters, nodes, pods, routing), progress=output.step)
+        try:
+            lab.up()
+        except BaseException:
+            from clustermesh.lab.lab import down
+
+            logs = Path(f"/tmp/clustermesh-lab-{name}-logs")
+            output.err.print(f"[red]lab up failed[/]: cleaning up; the processes' logs are kept in {logs}")
+            down(name, progress=output.step, keep_logs=logs)
+            raise
+
+    _lab_errors(up)
+
+
+@lab_group.command("down")
+@click.option("--name", default="cmlab", show_default=True)
+def lab_down(name: str) -> None:
+    """Remove everything the lab made: processes, namespaces, sockets, state (also after a crash)."""
+    from clustermesh.lab.lab import down
+
+    _lab_errors(lambda: down(name, progress=output.step))
+
+
+@lab_group.command("status")
+@click.option("--name", default="cmlab", show_default=True)
+@output_option
+def lab_status(name: str, output_format: str) -> None:
+    """Each node's agent: ready or not, clusters, datapath peers; each pod's address."""
+    from clustermesh.lab.lab import Lab, load
+    from clustermesh.status import AgentUnreachable, fetch_status
+
+    state = _lab_errors(lambda: load(name))
+    lab = Lab(state.layout)
+    lab.state = state
+
+    async def collect() -> dict[str, Any]:
+        nodes = {}
+        for node in state.node_layouts():
+            try:
+                nodes[node.name] = await fetch_status(lab.socket(node))
+            except AgentUnreachable as exc:
+                nodes[node.name] = {"ready": False, "error": str(exc)}
+        return nodes
+
+    nodes = asyncio.run(collect())
+    if output_format == "json":
+        output.print_json({"lab": name, "routing": state.routing, "nodes": nodes, "pods": state.pods})
+        return
+    output.print_table(
+        ["NODE", "READY", "CLUSTERS", "PEERS", "DATAPATH", "ERROR"],
+        [
+            (n, "yes" if s.get("ready") else "no", len(s.get("clusters", [])),
+             len((s.get("datapath") or {}).get("peers") or []), (s.get("datapath") or {}).get("driver", "-"),
+             s.get("error") or (s.get("datapath") or {}).get("last_error") or "-")
+            for n, s in nodes.items()
+        ],
+        title=f"lab {name} ({state.routing})",
+    )  # fmt: skip
+    output.print_table(["POD", "IP", "NODE"], [(p, d["ip"], d["node"]) for p, d in sorted(state.pods.items())])
+
+
+@lab_group.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("pod")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lab_exec(name: str, pod: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside POD (cluster/pod, e.g. c1/pod-1-1) of lab NAME: `lab exec NAME c1/pod-1-1 -- ping ...`."""
+    from clustermesh.lab import netns
+    from clustermesh.lab.lab import load, require_root
+
+    _lab_errors(require_root)
+    state = _lab_errors(lambda: load(name))
+    if pod not in state.pods:
+        known = ", ".join(sorted(state.pods)[:8])
+        raise click.ClickException(f"no pod {pod!r} in lab {name}; pods: {known}")
+    os.execvp("nsenter", [*netns.nsenter(state.pods[pod]["netns"]), *command])
+
+
 # --- demo
 
 

@@ -119,6 +119,7 @@ class EtcdProcess:
         spec = self.spec
         assert spec.log_file is not None
         spec.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        spec.log_file.parent.mkdir(parents=True, exist_ok=True)
         log_offset = spec.log_file.stat().st_size if spec.log_file.exists() else 0
         with spec.log_file.open("ab") as log:
             self.process = subprocess.Popen(
