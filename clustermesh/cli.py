@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import logging
 import os
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,10 +522,12 @@ def lab_group() -> None:
 
 def _lab_errors(work: Callable[[], T]) -> T:
     from clustermesh.lab.layout import LabError
+    from clustermesh.lab.netns import CommandFailed
+    from clustermesh.processes import ChildFailed
 
     try:
         return work()
-    except LabError as exc:
+    except (LabError, CommandFailed, ChildFailed) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -569,12 +572,11 @@ def lab_down(name: str) -> None:
 @output_option
 def lab_status(name: str, output_format: str) -> None:
     """Each node's agent: ready or not, clusters, datapath peers; each pod's address."""
-    from clustermesh.lab.lab import Lab, load
+    from clustermesh.lab.lab import Lab
     from clustermesh.status import AgentUnreachable, fetch_status
 
-    state = _lab_errors(lambda: load(name))
-    lab = Lab(state.layout)
-    lab.state = state
+    lab = _lab_errors(lambda: Lab.existing(name))
+    state = lab.state
 
     async def collect() -> dict[str, Any]:
         nodes = {}
@@ -600,6 +602,40 @@ def lab_status(name: str, output_format: str) -> None:
         title=f"lab {name} ({state.routing})",
     )  # fmt: skip
     output.print_table(["POD", "IP", "NODE"], [(p, d["ip"], d["node"]) for p, d in sorted(state.pods.items())])
+
+
+@lab_group.group("node")
+def lab_node() -> None:
+    """Add a node to a running lab, or remove one, as machines come and go."""
+
+
+@lab_node.command("add")
+@click.argument("name")
+@click.argument("cluster")
+@click.option("--pods", type=int, default=None, help="Pods on the new node (default: as many as the lab's others).")
+def lab_node_add(name: str, cluster: str, pods: int | None) -> None:
+    """Add a node to CLUSTER (c1, c2, ...) of lab NAME; wait until every agent has it as a peer."""
+    from clustermesh.lab.lab import Lab
+    from clustermesh.lab.layout import LabError
+
+    def add() -> None:
+        if not re.fullmatch(r"c[1-9]", cluster):
+            raise LabError(f"cluster {cluster!r}: name it as the lab does, c1, c2, ...")
+        lab = Lab.existing(name, progress=output.step)
+        node = lab.add_node(int(cluster[1:]), pods=pods)
+        output.step(f"{node.name} is up: {node.ip}, pods {node.pod_cidr}")
+
+    _lab_errors(add)
+
+
+@lab_node.command("remove")
+@click.argument("name")
+@click.argument("node")
+def lab_node_remove(name: str, node: str) -> None:
+    """Remove NODE (as `lab status` names it, e.g. c2-node-2) from lab NAME, with its pods."""
+    from clustermesh.lab.lab import Lab
+
+    _lab_errors(lambda: Lab.existing(name, progress=output.step).remove_node(node))
 
 
 @lab_group.command("exec", context_settings={"ignore_unknown_options": True})

@@ -34,7 +34,15 @@ import certs
 from clustermesh import connecting
 from clustermesh.contexts import Context, ContextFile
 from clustermesh.lab import netns
-from clustermesh.lab.layout import POD_SUPERNET, UNDERLAY_SUPERNET, WIREGUARD_PORT, LabError, LabLayout, NodeLayout
+from clustermesh.lab.layout import (
+    MAX_NODES,
+    POD_SUPERNET,
+    UNDERLAY_SUPERNET,
+    WIREGUARD_PORT,
+    LabError,
+    LabLayout,
+    NodeLayout,
+)
 from clustermesh.model.kinds import kind_by_name
 from clustermesh.processes import Child
 from clustermesh.status import AgentUnreachable, fetch_status
@@ -67,8 +75,8 @@ class LabState:
 
     @property
     def layout(self) -> LabLayout:
-        return LabLayout(self.name, self.clusters, max(max(v) for v in self.nodes.values()), self.pods_per_node,
-                         self.routing)  # fmt: skip
+        most = max((max(indexes) for indexes in self.nodes.values() if indexes), default=1)
+        return LabLayout(self.name, self.clusters, most, self.pods_per_node, self.routing)
 
     def save(self, directory: Path) -> None:
         (directory / "lab.json").write_text(json.dumps(self.__dict__, indent=1, sort_keys=True))
@@ -92,6 +100,14 @@ class Lab:
         self.state_dir = layout.state_dir
         self.state = LabState(layout.name, layout.clusters, layout.pods, layout.routing)
         self.ca: certs.Issued | None = None
+
+    @classmethod
+    def existing(cls, name: str, *, progress: Progress = print) -> Lab:
+        """The lab `name` as `up` left it (its state folder), to inspect or change."""
+        state = load(name)
+        lab = cls(state.layout, progress=progress)
+        lab.state = state
+        return lab
 
     # --- paths
 
@@ -305,6 +321,56 @@ class Lab:
             raise LabError(f"CNI {command} of {pod} on {node.name} failed: {output.get('msg', result.stderr.decode())}")
         return output if isinstance(output, dict) else {}
 
+    # --- nodes at run time
+
+    def add_node(self, cluster: int, *, pods: int | None = None) -> NodeLayout:
+        """A new node in `cluster` (the next free index): namespace, agent, pods; then every agent has it as a peer."""
+        require_root()
+        key = f"c{cluster}"
+        if key not in self.state.nodes:
+            known = ", ".join(sorted(self.state.nodes))
+            raise LabError(f"lab {self.layout.name} has no cluster {key} (clusters: {known})")
+        index = max(self.state.nodes[key], default=0) + 1
+        if index > MAX_NODES:
+            raise LabError(f"cluster {key} has {MAX_NODES} nodes already, the most a lab cluster can have")
+        node = self.layout.cluster(cluster).node(index)
+        netns.enter(self.layout.world_netns)
+        self._add_node_namespace(node)
+        self._start_agent(node)
+        self.state.nodes[key] = sorted([*self.state.nodes[key], index])
+        self.state.save(self.state_dir)
+        for pod in node.pods(self.state.pods_per_node if pods is None else pods):
+            self._add_pod(node, pod.name)
+        self.state.save(self.state_dir)
+        asyncio.run(self.wait_ready())
+        return node
+
+    def remove_node(self, name: str) -> NodeLayout:
+        """Node `name` (c<c>-node-<n>) gone as a machine goes: its processes, namespaces and pods, then its
+        CiliumNode and endpoints deleted from its cluster (what a Kubernetes control plane does)."""
+        require_root()
+        node = next((n for n in self.state.node_layouts() if n.name == name), None)
+        if node is None:
+            known = ", ".join(n.name for n in self.state.node_layouts())
+            raise LabError(f"no node {name!r} in lab {self.layout.name} (nodes: {known})")
+        pods = {ref: pod for ref, pod in self.state.pods.items() if pod["node"] == node.name}
+        namespaces = [node.netns, *(pod["netns"] for pod in pods.values())]
+        netns.stop_processes(netns.processes_in(namespaces))
+        for namespace in namespaces:
+            netns.ip("netns", "del", namespace, check=False)
+        Path(f"/var/run/wireguard/{node.wireguard_interface}.sock").unlink(missing_ok=True)
+        if self.layout.routing == "native":
+            netns.ip("route", "del", node.pod_cidr, netns=self.layout.world_netns, check=False)
+        netns.enter(self.layout.world_netns)
+        asyncio.run(delete_node_objects(self, node.cluster, node.name, [ref.partition("/")[2] for ref in pods]))
+        self.state.nodes[f"c{node.cluster}"].remove(node.index)
+        for ref in pods:
+            del self.state.pods[ref]
+        self.state.save(self.state_dir)
+        shutil.rmtree(self.node_dir(node), ignore_errors=True)
+        self.progress(f"{node.name}: removed with {len(pods)} pods; its CiliumNode and endpoints deleted")
+        return node
+
     def _add_pod(self, node: NodeLayout, pod: str) -> None:
         pod_netns = f"{self.layout.name}-c{node.cluster}-{pod}"
         netns.ip("netns", "add", pod_netns)
@@ -363,7 +429,7 @@ def down(name: str, *, progress: Progress = print, keep_logs: Path | None = None
         netns.ip("netns", "del", namespace, check=False)
     if namespaces:
         removed.append(f"{len(namespaces)} namespaces")
-    sockets = list(Path("/var/run/wireguard").glob(f"{name}*.sock")) if Path("/var/run/wireguard").is_dir() else []
+    sockets = sorted(Path("/var/run/wireguard").glob(f"{name}[1-9]n[1-9].sock"))
     for socket in sockets:
         socket.unlink(missing_ok=True)
     if sockets:

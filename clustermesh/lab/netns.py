@@ -13,7 +13,18 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["NETNS_DIR", "enter", "exists", "ip", "list_netns", "path", "processes_in", "run", "stop_processes"]
+__all__ = [
+    "NETNS_DIR",
+    "CommandFailed",
+    "enter",
+    "exists",
+    "ip",
+    "list_netns",
+    "path",
+    "processes_in",
+    "run",
+    "stop_processes",
+]
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
