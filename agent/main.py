@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import api
 from agent.datapath.drivers import NativeDriver, VxlanDriver, WireguardDriver
+from agent.datapath.ipsec import IpsecDriver
 from agent.datapath.netlink import DatapathError
 from agent.datapath.pods import PodNetwork
 from agent.datapath.routing import Driver, Router
@@ -80,6 +81,9 @@ class AgentSettings:
     datapath: str = "none"
     wireguard_interface: str = "cm_wg0"
     wireguard_port: int = 51871
+    ipsec_cert: Path | None = None
+    ipsec_key: Path | None = None
+    ipsec_ca: Path | None = None
     pod_supernets: list[str] = field(default_factory=lambda: ["10.0.0.0/8"])
 
 
@@ -276,6 +280,12 @@ def make_driver(settings: AgentSettings, key_path: Path) -> Driver:
         )
     if settings.datapath == "vxlan":
         return VxlanDriver(node_ip=settings.node_ips[0], pod_cidr=settings.pod_cidrs[0])
+    if settings.datapath == "ipsec":
+        if settings.ipsec_cert is None or settings.ipsec_key is None or settings.ipsec_ca is None:
+            raise click.UsageError("--datapath ipsec needs --ipsec-cert, --ipsec-key and --ipsec-ca")
+        return IpsecDriver(node_ip=settings.node_ips[0], pod_cidrs=settings.pod_cidrs,
+                           run_dir=settings.state_dir / "ipsec", cert=settings.ipsec_cert, key=settings.ipsec_key,
+                           ca=settings.ipsec_ca)  # fmt: skip
     raise click.UsageError(f"unknown --datapath {settings.datapath!r}")
 
 
@@ -320,7 +330,7 @@ def _boot_id() -> str:
               help="Seconds an identity no endpoint uses is kept before it is deleted.")  # fmt: skip
 @click.option(
     "--datapath",
-    type=click.Choice(["none", "native", "wireguard", "vxlan"]),
+    type=click.Choice(["none", "native", "wireguard", "ipsec", "vxlan"]),
     default="none",
     show_default=True,
     help="How pods of different nodes reach each other; 'none' runs the control plane only.",
@@ -328,6 +338,20 @@ def _boot_id() -> str:
 @click.option("--wireguard-interface", default="cm_wg0", show_default=True,
               help="The WireGuard interface (its control socket is host-wide: unique per host).")  # fmt: skip
 @click.option("--wireguard-port", default=51871, show_default=True)
+@click.option(
+    "--ipsec-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --datapath ipsec: this node's certificate (its SAN holds the node IP, its IKE identity).",
+)
+@click.option(
+    "--ipsec-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --datapath ipsec: the certificate's private key.",
+)
+@click.option("--ipsec-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --datapath ipsec: the CA (or bundle) that peers' certificates must chain to.")  # fmt: skip
 @click.option("--pod-supernet", "pod_supernets", multiple=True, default=["10.0.0.0/8"], show_default=True,
               help="What pods reach through their node (no default route is given to pods).")  # fmt: skip
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
@@ -363,6 +387,9 @@ def main(**params: Any) -> None:
         datapath=params["datapath"],
         wireguard_interface=params["wireguard_interface"],
         wireguard_port=params["wireguard_port"],
+        ipsec_cert=params["ipsec_cert"],
+        ipsec_key=params["ipsec_key"],
+        ipsec_ca=params["ipsec_ca"],
         pod_supernets=list(params["pod_supernets"]),
     )
     asyncio.run(_run_until_signalled(Agent(settings)))

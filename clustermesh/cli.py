@@ -536,7 +536,7 @@ def _lab_errors(work: Callable[[], T]) -> T:
 @click.option("--clusters", default=2, show_default=True)
 @click.option("--nodes", default=2, show_default=True, help="Nodes per cluster.")
 @click.option("--pods", default=2, show_default=True, help="Pods per node.")
-@click.option("--routing", type=click.Choice(["wireguard", "vxlan", "native"]), default="wireguard",
+@click.option("--routing", type=click.Choice(["wireguard", "ipsec", "vxlan", "native"]), default="wireguard",
               show_default=True)  # fmt: skip
 def lab_up(name: str, clusters: int, nodes: int, pods: int, routing: str) -> None:
     """Build the lab: underlay, per cluster etcd and apiserver, per node an agent, pods, all clusters connected."""

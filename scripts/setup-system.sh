@@ -13,6 +13,11 @@ PACKAGES=(
   wireguard-tools # wg, to configure WireGuard interfaces
   iperf3          # bench/datapath.py
   tcpdump         # e2e tests look at the underlay for clear text
+  util-linux      # nsenter, unshare: the lab enters namespaces, charon runs with a private /run
+  strongswan-charon              # charon, the IKEv2 daemon of the ipsec routing mode
+  libcharon-extra-plugins        # kernel-libipsec: ESP in user space (these kernels have no ESP)
+  libstrongswan-standard-plugins # openssl (x25519, AES-GCM) and gcm plugins
+  strongswan-swanctl             # swanctl and the vici plugin, to look at and drive charon
 )
 # From bookworm-backports (Debian's own archive): wireguard-go 0.0.20231211 has UDP GSO/GRO and TUN offloads, about
 # 5x the throughput of bookworm's 0.0.20220316 on these machines (DESIGN section 8).

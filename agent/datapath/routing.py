@@ -7,7 +7,9 @@ route deleted by hand: put back).
 
 Drivers: `native` (plain routes, via the peer or via the underlay's gateway, which learns pod CIDRs as a cloud
 router would), `wireguard` (wireguard-go on TUN, configured with `wg`), `vxlan` (a VXLAN overlay with static
-forwarding entries), and `ipsec` (strongSwan, `agent/datapath/ipsec.py`).
+forwarding entries), and `ipsec` (strongSwan's charon over vici, `agent/datapath/ipsec.py`). A driver that is still
+converging (an IKE SA being negotiated: `pending()`), or a round that failed, makes the next round come after
+`retry` seconds rather than `resync`.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Router:
     driver: Driver
     own: str  # <cluster>/<node>
     resync: float = 10.0
+    retry: float = 1.0  # the round after one that failed, or that left the driver still converging (an IKE SA)
     applied: dict[str, Peer] = field(default_factory=dict)
     last_error: str = ""
     applies: int = 0
@@ -102,13 +105,17 @@ class Router:
         self.last_error = ""
         self.applies += 1
 
+    def converged(self) -> bool:
+        pending = getattr(self.driver, "pending", None)
+        return not self.last_error and not (callable(pending) and pending())
+
     async def run(self) -> None:
         subscription = self.view.subscribe()
         try:
             await self._apply()
             while True:
                 try:
-                    async with asyncio.timeout(self.resync):
+                    async with asyncio.timeout(self.resync if self.converged() else self.retry):
                         while True:
                             changes = await subscription.drain()
                             if any(change.kind == "node" for change in changes):

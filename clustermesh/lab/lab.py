@@ -257,10 +257,22 @@ class Lab:
         if self.layout.routing == "native":  # the underlay learns pod CIDRs, as a cloud router would
             netns.ip("route", "replace", node.pod_cidr, "via", node.ip, netns=self.layout.world_netns)
 
+    def _ipsec_credentials(self, node: NodeLayout) -> list[str]:
+        """The node's IKE certificate (its IP is its identity) from the lab's CA, which every cluster shares."""
+        directory = self.node_dir(node) / "ipsec-certs"
+        ca = certs.load_issued(self.pki(node.cluster).ca)
+        paths = certs.CertPaths.in_dir(directory, "node")
+        directory.mkdir(parents=True, exist_ok=True)
+        certs.write_issued(certs.issue_server(ca, f"ipsec-{node.name}", hosts=[node.ip, node.name]), paths)
+        ca_file = directory / "ca.crt"
+        shutil.copyfile(self.pki(node.cluster).ca.cert, ca_file)
+        return ["--ipsec-cert", str(paths.cert), "--ipsec-key", str(paths.key), "--ipsec-ca", str(ca_file)]
+
     def _start_agent(self, node: NodeLayout) -> None:
         directory = self.node_dir(node)
         (directory / "remotes").mkdir(parents=True, exist_ok=True)
         config = self.config(node.cluster, f"agent-c{node.cluster}")
+        ipsec = self._ipsec_credentials(node) if self.layout.routing == "ipsec" else []
         child = self._child(
             f"agent-{node.name}",
             node.netns,
@@ -273,7 +285,7 @@ class Lab:
                 "--clustermesh-config", str(directory / "remotes"), "--state-dir", str(directory / "state"),
                 "--api-socket", str(self.socket(node)), "--datapath", self.layout.routing,
                 "--wireguard-interface", node.wireguard_interface, "--wireguard-port", str(WIREGUARD_PORT),
-                "--pod-supernet", POD_SUPERNET, "--identity-gc-grace", "60",
+                "--pod-supernet", POD_SUPERNET, "--identity-gc-grace", "60", *ipsec,
             ],
             r"listening on ",
         )  # fmt: skip
@@ -394,6 +406,8 @@ class Lab:
                             status = {"ready": False, "clusters": [], "datapath": {"last_error": str(exc)}}
                         datapath = status.get("datapath") or {}
                         peers = len(datapath.get("peers") or [])
+                        if "installed" in datapath:  # IPsec: a peer counts once its child SA is up
+                            peers = min(peers, int(datapath["installed"]))
                         waiting = (
                             f"{node.name}: ready={status['ready']}, {len(status['clusters'])} of "
                             f"{self.state.clusters} clusters, {peers} of {expected_peers} peers"
