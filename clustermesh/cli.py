@@ -660,16 +660,27 @@ def lab_exec(name: str, pod: str, command: tuple[str, ...]) -> None:
 
 @cli.command("demo")
 @click.option(
+    "--control-plane",
+    "control_plane",
+    is_flag=True,
+    help="Only the control plane (three clusters' etcd, apiserver and agent on loopback): no root needed.",
+)
+@click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where to keep the PKI and etcd data (default: a temporary folder, removed at the end).",
+    help="With --control-plane: where to keep the PKI and etcd data (default: a temporary folder, removed).",
 )
-def demo(workdir: Path | None) -> None:
-    """Run the demo: a PKI, a real etcd with mTLS, a cluster's state published and read back."""
-    from clustermesh import demo as demo_module
+def demo(control_plane: bool, workdir: Path | None) -> None:
+    """Run the demo: a two-cluster lab, pods talking across clusters over WireGuard, then removed (needs root)."""
+    if control_plane:
+        from clustermesh import demo_control_plane
 
-    demo_module.main(workdir)
+        demo_control_plane.main(workdir)
+        return
+    from clustermesh import demo as lab_demo
+
+    _lab_errors(lab_demo.main)
 
 
 def main() -> None:

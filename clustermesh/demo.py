@@ -1,325 +1,115 @@
-"""`make demo`: three clusters, each with a real etcd (mTLS), a real `clustermesh-apiserver` and a real
-`clustermesh-agent` process, publish small clusters applied from YAML with `clustermesh apply`; the demo shows the
-keys in Cilium's format, joins the three with `clustermesh connect` (mesh: every pair), shows `clustermesh status`
-with every cluster ready, then stops one cluster's etcd and shows the status naming it.
+"""`make demo`: a real two-cluster mesh on this host, pods talking across clusters over WireGuard, then gone.
 
-Every step prints what it does and the commands a user would type. Everything started is stopped by its PID at the
-end, also on Ctrl-C or an error; the work folder is removed unless `--workdir` was given.
+Steps, each printed with the command a user would type: `clustermesh lab up` (2 clusters x 2 nodes x 2 pods, each
+node an agent with its wireguard-go tunnel, pods attached by the CNI plugin, the clusters joined with `clustermesh
+connect`); `clustermesh status` of a node of each cluster; a ping and an HTTP request from a pod of cluster c1 to a
+pod of cluster c2; the WireGuard peers of a node (`wg show`), with their handshakes and bytes; `clustermesh lab down`.
+A lab left by an earlier demo that crashed is removed first; the lab is removed at the end, also on an error or
+Ctrl-C. Needs root (network namespaces); `clustermesh demo --control-plane` shows the control plane without it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import certs
-from clustermesh import connecting, output
-from clustermesh.contexts import Context, ContextFile
-from clustermesh.kubectl import apply_objects, load_manifests
-from clustermesh.model import keys, wire
+from clustermesh import output
+from clustermesh.lab import netns
+from clustermesh.lab.lab import Lab, down, require_root
+from clustermesh.lab.layout import LabLayout
 from clustermesh.processes import Child
 from clustermesh.status import fetch_status, render_status
-from kvstore import errors, etcd, users
-from kvstore.config import EtcdConfig
-from kvstore.process import EtcdProcess, EtcdSpec
-from kvstore.watching import WatchStore
-from resources.standalone import StandaloneStore
 
 __all__ = ["main"]
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-BIN = Path(sys.executable).parent
+LAB = "demo"
+HTTP_PORT = 8080
 
 
-@dataclass
-class DemoCluster:
-    """One cluster of the demo: its PKI (from the mesh's CA), its etcd, apiserver and one node's agent."""
-
-    name: str
-    id: int
-    base: Path
-    ca: certs.Issued
-    etcd: EtcdProcess | None = None
-    apiserver: Child | None = None
-    agent: Child | None = None
-    health: str = ""
-    pki: certs.ClusterPKI = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.pki = certs.create_cluster_pki(self.base / self.name / "pki", self.name, overwrite=True, ca=self.ca)
-
-    @property
-    def socket(self) -> Path:
-        return self.base / self.name / "agent.sock"
-
-    def config(self, user: str) -> EtcdConfig:
-        assert self.etcd is not None
-        paths = self.pki.user(user)
-        if not paths.cert.exists():
-            certs.issue_user(self.pki, user)
-        return EtcdConfig([self.etcd.spec.client_url], self.pki.ca.cert, paths.cert, paths.key)
-
-    def start_etcd(self) -> None:
-        data = self.base / self.name / "etcd"
-        shutil.rmtree(data, ignore_errors=True)
-        spec = EtcdSpec(
-            name=self.name,
-            data_dir=data,
-            ca_file=self.pki.ca.cert,
-            cert_file=self.pki.server.cert,
-            key_file=self.pki.server.key,
-        )
-        self.etcd = EtcdProcess(spec)
-        self.etcd.start()
-
-    def _tls_flags(self, user: str) -> list[str]:
-        config = self.config(user)
-        return [
-            "--kvstore-endpoints", config.endpoints[0], "--kvstore-ca", str(config.ca_file),
-            "--kvstore-cert", str(config.cert_file), "--kvstore-key", str(config.key_file),
-        ]  # fmt: skip
-
-    def start_apiserver(self) -> list[str]:
-        command = [
-            str(BIN / "clustermesh-apiserver"), "--cluster-name", self.name, "--cluster-id", str(self.id),
-            "--source", "standalone", *self._tls_flags(f"admin-{self.name}"),
-            "--health-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
-        ]  # fmt: skip
-        self.apiserver = Child(f"apiserver {self.name}", command, self.base / self.name / "apiserver.log")
-        self.apiserver.start()
-        self.health = self.apiserver.wait_for(r"health endpoint listening on http://(\S+)").group(1)
-        return command
-
-    def start_agent(self) -> list[str]:
-        command = [
-            str(BIN / "clustermesh-agent"), "--cluster-name", self.name, "--cluster-id", str(self.id),
-            "--node-name", f"{self.name}-node-1", "--node-ip", f"192.168.{self.id}.11",
-            "--pod-cidr", f"10.{self.id}.1.0/24", *self._tls_flags(f"agent-{self.name}"),
-            "--clustermesh-config", str(self.base / self.name / "remotes"),
-            "--state-dir", str(self.base / self.name / "state"), "--api-socket", str(self.socket),
-        ]  # fmt: skip
-        self.agent = Child(f"agent {self.name}", command, self.base / self.name / "agent.log")
-        self.agent.start()
-        self.agent.wait_for(r"listening on ")
-        return command
-
-    def stop(self) -> None:
-        for what, child in (("agent", self.agent), ("apiserver", self.apiserver)):
-            if child is not None and child.pid is not None:
-                output.step(f"stopping the {what} of {self.name} (pid {child.pid})")
-                child.stop()
-        if self.etcd is not None and self.etcd.pid is not None:
-            output.step(f"stopping the etcd of {self.name} (pid {self.etcd.pid})")
-            self.etcd.stop()
+def _say(title: str, command: str | None = None) -> None:
+    output.out.print(f"\n[bold]{title}[/]")
+    if command:
+        output.out.print(f"[dim]$ {command}[/]")
 
 
-def _shown(command: list[str]) -> str:
-    """A command as a user would type it: programs by name, long paths of this run shortened."""
-    return " ".join(Path(part).name if part.startswith("/") and "/bin/" in part else part for part in command)
+def _in_pod(lab: Lab, pod: str, *command: str, timeout: float = 20) -> str:
+    namespace = lab.state.pods[pod]["netns"]
+    result = subprocess.run([*netns.nsenter(namespace), *command], capture_output=True, text=True, timeout=timeout,
+                            check=False)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} in {pod} failed: {(result.stderr or result.stdout).strip()}")
+    return result.stdout
 
 
-async def init_users(cluster: DemoCluster) -> None:
-    backend = await etcd.connect(cluster.config("root"))
+def _status(lab: Lab) -> None:
+    for node in (n for n in lab.state.node_layouts() if n.index == 1):
+        _say(f"The agent of {node.name} (cluster c{node.cluster}): every cluster connected and synced",
+             f"clustermesh status --socket {lab.socket(node)}")  # fmt: skip
+        render_status(asyncio.run(fetch_status(lab.socket(node))))
+
+
+def _ping(lab: Lab, source: str, target: str) -> None:
+    ip = lab.state.pods[target]["ip"]
+    _say(f"Ping from {source} to {target} ({ip}), across clusters, through both nodes' WireGuard tunnel",
+         f"clustermesh lab exec {LAB} {source} -- ping -c 3 {ip}")  # fmt: skip
+    output.out.print(_in_pod(lab, source, "ping", "-c", "3", "-i", "0.2", "-W", "2", ip).rstrip())
+
+
+def _http(lab: Lab, source: str, target: str, workdir: Path) -> None:
+    ip = lab.state.pods[target]["ip"]
+    site = workdir / "site"
+    site.mkdir()
+    cluster = target.partition("/")[0]
+    (site / "index.html").write_text(f"hello from {target} ({ip}) in cluster {cluster}\n")
+    server = Child(
+        f"http server in {target}",
+        [*netns.nsenter(lab.state.pods[target]["netns"]), sys.executable, "-m", "http.server", str(HTTP_PORT),
+         "--bind", ip, "--directory", str(site)],
+        workdir / "http.log",
+    )  # fmt: skip
+    url = f"http://{ip}:{HTTP_PORT}/"
+    fetch = f"import urllib.request; print(urllib.request.urlopen('{url}', timeout=5).read().decode())"
+    _say(f"An HTTP server in {target}, and a request to it from {source}",
+         f'clustermesh lab exec {LAB} {source} -- python3 -c "{fetch}"')  # fmt: skip
+    server.start()
     try:
-        await users.ensure_cluster_users(backend, cluster.name)
+        server.wait_for(r"Serving HTTP")
+        output.out.print(_in_pod(lab, source, sys.executable, "-c", fetch).rstrip())
     finally:
-        await backend.close()
+        server.stop(grace=2)
 
 
-async def apply(config: EtcdConfig, manifest: Path) -> list[str]:
-    backend = await etcd.connect(config)
-    try:
-        outcomes = await apply_objects(StandaloneStore(backend), load_manifests([str(manifest)]))
-    finally:
-        await backend.close()
-    return [f"{o.ref} {o.action}" + (f": {o.error}" if o.error else "") for o in outcomes]
+def _wireguard(lab: Lab) -> None:
+    node = lab.state.node_layouts()[0]
+    _say(f"The WireGuard peers of {node.name}: one per other node, of either cluster, with their pod CIDRs",
+         f"ip netns exec {node.netns} wg show {node.wireguard_interface}")  # fmt: skip
+    output.out.print(netns.run(*netns.nsenter(node.netns), "wg", "show", node.wireguard_interface).rstrip())
 
 
-class Changed:
-    """An observer that only says that something changed."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    def on_upsert(self, key: str, value: object) -> None:
-        self.event.set()
-
-    def on_delete(self, key: str, value: object) -> None:
-        self.event.set()
-
-
-async def wait_published(config: EtcdConfig, cluster: str, timeout: float = 30.0) -> dict[str, bytes]:
-    """Until all four synced canaries of `cluster` exist, then every key under cilium/."""
-    backend = await etcd.connect(config)
-    try:
-        canaries = [keys.synced_key(cluster, prefix) for prefix in
-                    (keys.NODES_PREFIX, keys.IPCACHE_PREFIX, keys.IDENTITIES_PREFIX, keys.SERVICES_PREFIX)]  # fmt: skip
-        changed = Changed()
-        store: WatchStore[bytes] = WatchStore(prefix="cilium/", decode=lambda k, v: v, observer=changed)
-        task = asyncio.create_task(store.run(backend))
-        try:
-            async with asyncio.timeout(timeout):
-                await store.synced.wait()
-                while not all(c in store.entries for c in canaries):
-                    changed.event.clear()
-                    await changed.event.wait()
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        return dict(store.entries)
-    finally:
-        await backend.close()
-
-
-def show_keys(cluster: str, entries: dict[str, bytes]) -> None:
-    rows = []
-    for key, value in sorted(entries.items()):
-        text = value.decode(errors="replace")
-        rows.append((key, text if len(text) <= 110 else text[:107] + "..."))
-    output.print_table(["KEY", "VALUE"], rows, title=f"cluster {cluster}: what its apiserver wrote in its etcd")
-
-
-async def read_as_remote(config: EtcdConfig, cluster: str) -> list[tuple[str, str, str]]:
-    """What a remote agent sees: each prefix after its canary, decoded and checked."""
-    backend = await etcd.connect(config)
-    decoders = {
-        keys.NODES_PREFIX: (keys.nodes_key_prefix(cluster), wire.decoder_for(wire.Node)),
-        keys.IPCACHE_PREFIX: (keys.ipcache_key_prefix(), wire.decoder_for(wire.IPIdentityPair)),
-        keys.IDENTITIES_PREFIX: (keys.identities_key_prefix(), lambda key, data: data.decode()),
-        keys.SERVICES_PREFIX: (keys.services_key_prefix(cluster), wire.decoder_for(wire.ClusterService)),
-    }
-    rows: list[tuple[str, str, str]] = []
-    try:
-        for prefix, (key_prefix, decode) in decoders.items():
-            store: WatchStore[object] = WatchStore(
-                prefix=key_prefix, decode=decode, synced_canary=keys.synced_key(cluster, prefix)
-            )
-            task = asyncio.create_task(store.run(backend))
-            try:
-                await asyncio.wait_for(store.synced.wait(), 30)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            for key, value in sorted(store.entries.items()):
-                rows.append((prefix.rsplit("/", 2)[-2], key[len(key_prefix) :], _summary(value)))
-        try:
-            await backend.put(keys.node_key(cluster, "intruder"), b"{}")
-            rows.append(("write", "refused?", "NO: the remote user could write"))
-        except errors.PermissionDenied as exc:
-            rows.append(("write", keys.node_key(cluster, "intruder"), f"refused: {exc}"))
-    finally:
-        await backend.close()
-    return rows
-
-
-def _summary(value: object) -> str:
-    if isinstance(value, wire.Node):
-        return f"node {value.Name}: {', '.join(value.addresses_of('InternalIP'))}, pods {value.IPv4AllocCIDR}"
-    if isinstance(value, wire.IPIdentityPair):
-        return f"identity {value.ID} on {value.HostIP} ({value.namespace}/{value.pod_name})"
-    if isinstance(value, wire.ClusterService):
-        return f"frontends {', '.join(value.frontends or {})}; backends {', '.join(value.backends or {})}"
-    return str(value)
-
-
-def main(workdir: Path | None = None) -> None:
+def main() -> None:
+    require_root()
     started = time.monotonic()
-    keep = workdir is not None
-    base = workdir or Path(tempfile.mkdtemp(prefix="cm-demo-", dir="/tmp"))  # short: agent sockets live here
-    ca = certs.create_ca("mesh-ca")
-    clusters = [DemoCluster(f"c{i}", i, base, ca) for i in (1, 2, 3)]
-    contexts = ContextFile(base / "config.yaml")
+    layout = LabLayout(LAB, clusters=2, nodes=2, pods=2, routing="wireguard")
+    if layout.state_dir.exists() or netns.list_netns(f"{LAB}-"):
+        output.step(f"a lab named {LAB} is left from an earlier run: removing it")
+        down(LAB, progress=output.step)
+    _say("Two clusters of two nodes, two pods per node, over WireGuard",
+         f"clustermesh lab up --name {LAB} --clusters 2 --nodes 2 --pods 2 --routing wireguard")  # fmt: skip
+    lab = Lab(layout, progress=output.step)
     try:
-        output.step(f"three clusters, one CA for the mesh ({base}), each with etcd, apiserver and one node's agent")
-        for cluster in clusters:
-            cluster.start_etcd()
-            assert cluster.etcd is not None
-            asyncio.run(init_users(cluster))
-            output.step(
-                f"{cluster.name} (ID {cluster.id}): etcd on {cluster.etcd.spec.client_url} (pid {cluster.etcd.pid}), "
-                f"mTLS only; users and roles as `clustermesh etcd init --cluster {cluster.name}` makes them"
-            )
-            command = cluster.start_apiserver()
-            assert cluster.apiserver is not None
-            output.step(f"$ {_shown(command)}")
-            output.out.print(f"    pid {cluster.apiserver.pid}, /readyz on http://{cluster.health}")
-            root = cluster.config("root")
-            contexts.add(Context(cluster.name, root.endpoints, str(root.ca_file), str(root.cert_file),
-                                 str(root.key_file)))  # fmt: skip
-        contexts.save()
-        for cluster in clusters:
-            manifest = EXAMPLES / f"cluster{cluster.id}.yaml"
-            output.step(f"$ clustermesh --context {cluster.name} apply -f examples/{manifest.name}")
-            for line in asyncio.run(apply(cluster.config(f"admin-{cluster.name}"), manifest)):
-                output.out.print(f"    {line}")
-        entries = asyncio.run(wait_published(clusters[0].config("root"), clusters[0].name))
-        show_keys(clusters[0].name, entries)
-        for cluster in clusters:
-            command = cluster.start_agent()
-            assert cluster.agent is not None
-            output.step(f"$ {_shown(command)}")
-            output.out.print(f"    pid {cluster.agent.pid}, status on {cluster.socket}")
-        for source, destinations in (("c1", ["c2", "c3"]), ("c2", ["c3"])):
-            flags = " ".join(f"--destination-context {d}" for d in destinations)
-            output.step(f"$ clustermesh --config {contexts.path.name} --context {source} connect {flags}")
-            for destination in destinations:
-                for line in asyncio.run(_connect(contexts, source, destination)):
-                    output.out.print(f"    {line}")
-        output.step(f"$ clustermesh status --socket {clusters[0].socket} --wait")
-        document = asyncio.run(_status_when(clusters[0].socket, lambda d: d["ready"] and len(d["clusters"]) == 3))
-        render_status(document)
-        victim = clusters[2]
-        assert victim.etcd is not None
-        output.step(f"stopping the etcd of {victim.name} (pid {victim.etcd.pid}), as if its control plane died")
-        victim.etcd.kill()
-        output.step(f"$ clustermesh status --socket {clusters[0].socket}")
-        document = asyncio.run(_status_when(clusters[0].socket, lambda d: not d["ready"] and any(
-            c["name"] == victim.name and not c["connected"] for c in d["clusters"])))  # fmt: skip
-        render_status(document)
-        output.out.print(
-            f"    {victim.name}'s nodes and endpoints stay in the view (traffic to it keeps flowing); status says "
-            "the mesh is not ready, and why"
+        with tempfile.TemporaryDirectory(prefix="clustermesh-demo-") as workdir:
+            lab.up()
+            _status(lab)
+            _ping(lab, "c1/pod-1-1", "c2/pod-2-2")
+            _http(lab, "c1/pod-2-1", "c2/pod-1-2", Path(workdir))
+            _wireguard(lab)
+    finally:
+        _say(
+            "Removing the lab: every process, namespace, socket and file it made", f"clustermesh lab down --name {LAB}"
         )
-    finally:
-        for cluster in reversed(clusters):
-            cluster.stop()
-        if not keep:
-            shutil.rmtree(base, ignore_errors=True)
-    output.step(f"demo done in {time.monotonic() - started:.1f} s")
-
-
-async def _connect(contexts: ContextFile, source: str, destination: str) -> list[str]:
-    a = await connecting.open_side(contexts.get(source), contexts.path.parent, None)
-    try:
-        b = await connecting.open_side(contexts.get(destination), contexts.path.parent, None)
-        try:
-            return await connecting.connect_clusters(a, b, allow_mismatching_ca=False)
-        finally:
-            await b.backend.close()
-    finally:
-        await a.backend.close()
-
-
-async def _status_when(socket: Path, condition: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> Any:
-    """The agent's status once `condition` holds on it (the agent's own --wait covers readiness only)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            document = await fetch_status(socket, wait=5.0)
-            if condition(document):
-                return document
-            await asyncio.sleep(0.2)  # another process's state: nothing to wait on but its answers
-
-
-async def _ensure_remote(cluster: DemoCluster, peer: str) -> None:
-    backend = await etcd.connect(cluster.config("root"))
-    try:
-        await users.ensure_remote_user(backend, cluster.name, peer)
-    finally:
-        await backend.close()
+        down(LAB, progress=output.step)
+    output.out.print(f"\n[bold green]demo done in {time.monotonic() - started:.0f} s[/]")

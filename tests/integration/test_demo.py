@@ -12,7 +12,7 @@ from clustermesh.cli import cli
 
 
 def test_demo_runs_end_to_end_and_cleans_up() -> None:
-    result = CliRunner().invoke(cli, ["demo"])
+    result = CliRunner().invoke(cli, ["demo", "--control-plane"])
     assert result.exit_code == 0, result.output
     for expected in (
         "ciliumendpoint/echo-1 created",
