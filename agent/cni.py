@@ -65,9 +65,13 @@ async def _call(socket: str, method: str, path: str, body: Any) -> tuple[int, An
     writer.write(
         f"{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
     )
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 60)
-    writer.close()
+    try:
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 60)
+    except (OSError, TimeoutError) as exc:
+        raise CNIError(11, f"the agent at {socket} did not answer {method} {path}", str(exc)) from None
+    finally:
+        writer.close()
     head, _, content = data.partition(b"\r\n\r\n")
     try:
         return int(head.split()[1]), json.loads(content or b"null")
@@ -96,6 +100,8 @@ def run(command: str, config: dict[str, Any]) -> dict[str, Any] | None:
         status, answer = asyncio.run(_call(socket, "POST", "/v1/cni/add", request))
         if status != 200:
             raise CNIError(11, f"the agent refused ADD: {answer.get('error') if isinstance(answer, dict) else answer}")
+        if not isinstance(answer, dict):
+            raise CNIError(11, "the agent answered ADD without a result object", repr(answer)[:200])
         return {"cniVersion": version, **answer}
     if command == "DEL":
         status, answer = asyncio.run(_call(socket, "POST", "/v1/cni/del", request))
@@ -105,8 +111,8 @@ def run(command: str, config: dict[str, Any]) -> dict[str, Any] | None:
     if command == "CHECK":
         status, answer = asyncio.run(_call(socket, "POST", "/v1/cni/check", request))
         if status != 200:
-            raise CNIError(11, "CHECK failed: " + "; ".join(answer.get("problems", [])) if isinstance(answer, dict)
-                           else str(answer))  # fmt: skip
+            problems = "; ".join(answer.get("problems", [])) if isinstance(answer, dict) else str(answer)
+            raise CNIError(11, f"CHECK failed: {problems}")
         return None
     raise CNIError(4, f"unknown CNI_COMMAND {command!r}; this plugin knows ADD, DEL, CHECK and VERSION")
 

@@ -57,6 +57,8 @@ class PodNetwork:
             index = await nl.require("lo")
             await nl.up(index)
             await nl.ensure_address(index, f"{self.router_ip}/32")
+            for destination in await nl.our_routes(RTPROT_PODS):  # pods attached before a restart
+                self.ipam.reserve(destination.partition("/")[0])
 
     async def add(self, container_id: str, netns_path: str, interface: str) -> PodAttachment:
         ip = self.ipam.allocate(container_id)

@@ -5,7 +5,7 @@
     control plane     <lab>-c<c>-cp     etcd and the apiserver of cluster c, 192.168.<c>.2
     node              <lab>-c<c>-n<n>   the agent of node n, 192.168.<c>.<10+n>, pod CIDR 10.<c>.<n>.0/24,
                                         router IP 10.<c>.<n>.1
-    pod               <lab>-c<c>-<pod>  pod-<n>-<k>, IP 10.<c>.<n>.<10+k>
+    pod               <lab>-c<c>-<pod>  pod-<n>-<k>, IP 10.<c>.<n>.<9+k> (the first .10)
 
 Every name the lab makes carries the lab's name: namespaces (`<lab>-...`), WireGuard interfaces (`<lab><c>n<n>`:
 their control sockets live in the host's /var/run/wireguard, shared by every namespace) and the state folder.
@@ -34,7 +34,7 @@ class LabError(Exception):
 
 
 def validate_lab_name(name: str) -> str:
-    if not LAB_NAME.match(name):
+    if not LAB_NAME.fullmatch(name):
         raise LabError(
             f"lab name {name!r} is invalid: 1 to 8 lower-case letters and digits, starting with a letter "
             "(it prefixes every interface name, and those are limited to 15 characters)"
@@ -59,7 +59,7 @@ class PodLayout:
 
     @property
     def ip(self) -> str:
-        return f"10.{self.cluster}.{self.node}.{10 + self.index}"
+        return f"10.{self.cluster}.{self.node}.{9 + self.index}"  # the node's IPAM hands out .10 first
 
 
 @dataclass(frozen=True)
