@@ -196,12 +196,18 @@ class VxlanDriver:
                 index = await nl.require(VXLAN_DEVICE)
                 self.entries.clear()
             await nl.ensure_address(index, f"{self.vtep}/32")
-            await nl.up(index, mtu=self.mtu, address=vxlan_mac(self.node_ip))
+            # setting a MAC flushes the device's neighbours, even permanent ones: only when it differs
+            mac = vxlan_mac(self.node_ip)
+            await nl.up(index, mtu=self.mtu, address=None if await nl.mac(index) == mac else mac)
 
     async def apply(self, peers: dict[str, Peer]) -> None:
         wanted = {key: (vtep_ip(p.pod_cidrs[0]), vxlan_mac(p.ip), p.ip) for key, p in peers.items()}
         async with netlink() as nl:
             index = await nl.require(VXLAN_DEVICE)
+            present = await nl.neighbours(index)
+            for key, (vtep, mac, _) in list(self.entries.items()):
+                if key in wanted and present.get(vtep) != mac:  # flushed or changed behind our back: made again
+                    del self.entries[key]
             for key in self.entries.keys() - wanted.keys():
                 vtep, mac, underlay = self.entries.pop(key)
                 await nl.delete_neighbour(index, vtep)

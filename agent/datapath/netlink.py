@@ -23,6 +23,7 @@ __all__ = ["RTPROT_CLUSTERMESH", "RTPROT_PODS", "DatapathError", "Netlink", "ip_
 
 RTPROT_CLUSTERMESH = 44  # routes between nodes
 RTPROT_PODS = 45  # routes to this node's pods
+NUD_PERMANENT = 0x80
 NTF_SELF = 2  # a forwarding entry of the device itself (a VXLAN destination), not of a bridge it is a port of
 
 
@@ -167,6 +168,19 @@ class Netlink:
     async def neighbour(self, index: int, ip: str, mac: str) -> None:
         await self._call(f"neighbour {ip}", self.ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=index,
                                                            state="permanent"))  # fmt: skip
+
+    async def neighbours(self, index: int) -> dict[str, str]:
+        """Permanent neighbour entries of a device: IP -> MAC."""
+        found: dict[str, str] = {}
+        async for entry in await self.ipr.get_neighbours(ifindex=index):
+            if entry["state"] & NUD_PERMANENT and entry.get_attr("NDA_DST") and entry.get_attr("NDA_LLADDR"):
+                found[entry.get_attr("NDA_DST")] = entry.get_attr("NDA_LLADDR")
+        return found
+
+    async def mac(self, index: int) -> str:
+        async for link in await self.ipr.get_links(index):
+            return str(link.get_attr("IFLA_ADDRESS") or "")
+        return ""
 
     async def delete_neighbour(self, index: int, ip: str) -> None:
         with contextlib.suppress(DatapathError):
