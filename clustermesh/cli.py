@@ -540,13 +540,15 @@ def _lab_errors(work: Callable[[], T]) -> T:
               show_default=True)  # fmt: skip
 def lab_up(name: str, clusters: int, nodes: int, pods: int, routing: str) -> None:
     """Build the lab: underlay, per cluster etcd and apiserver, per node an agent, pods, all clusters connected."""
-    from clustermesh.lab.lab import Lab
+    from clustermesh.lab.lab import Lab, LabExists
     from clustermesh.lab.layout import LabLayout
 
     def up() -> None:
         lab = Lab(LabLayout(name, clusters, nodes, pods, routing), progress=output.step)
         try:
             lab.up()
+        except LabExists:
+            raise  # not ours to remove
         except BaseException:
             from clustermesh.lab.lab import down
 

@@ -51,7 +51,7 @@ from kvstore.config import EtcdConfig
 from kvstore.process import EtcdProcess, EtcdSpec
 from resources.standalone import StandaloneStore
 
-__all__ = ["Lab", "LabError", "down", "load"]
+__all__ = ["Lab", "LabError", "LabExists", "down", "load"]
 
 BIN = Path(sys.executable).parent
 Progress = Callable[[str], None]
@@ -91,6 +91,10 @@ def load(name: str) -> LabState:
     if not path.exists():
         raise LabError(f"no lab {name!r} here (no {path}): start one with `clustermesh lab up --name {name}`")
     return LabState(**json.loads(path.read_text()))
+
+
+class LabExists(LabError):
+    """`up` found a lab of that name: it refuses and leaves it alone."""
 
 
 class Lab:
@@ -140,7 +144,7 @@ class Lab:
         layout = self.layout
         leftovers = netns.list_netns(f"{layout.name}-")
         if self.state_dir.exists() or leftovers:
-            raise LabError(
+            raise LabExists(
                 f"lab {layout.name} exists already ({self.state_dir}"
                 + (f", namespaces {', '.join(leftovers[:3])}" if leftovers else "")
                 + f"): `clustermesh lab down --name {layout.name}` first"
@@ -347,14 +351,20 @@ class Lab:
             raise LabError(f"cluster {key} has {MAX_NODES} nodes already, the most a lab cluster can have")
         node = self.layout.cluster(cluster).node(index)
         netns.enter(self.layout.world_netns)
-        self._add_node_namespace(node)
-        self._start_agent(node)
         self.state.nodes[key] = sorted([*self.state.nodes[key], index])
         self.state.save(self.state_dir)
-        for pod in node.pods(self.state.pods_per_node if pods is None else pods):
-            self._add_pod(node, pod.name)
-        self.state.save(self.state_dir)
-        asyncio.run(self.wait_ready())
+        try:
+            self._add_node_namespace(node)
+            self._start_agent(node)
+            for pod in node.pods(self.state.pods_per_node if pods is None else pods):
+                self._add_pod(node, pod.name)
+                self.state.save(self.state_dir)
+            asyncio.run(self.wait_ready())
+        except BaseException:
+            self.progress(f"{node.name}: adding it failed; removing what was made of it")
+            with contextlib.suppress(Exception):
+                self.remove_node(node.name)
+            raise
         return node
 
     def remove_node(self, name: str) -> NodeLayout:
@@ -366,7 +376,9 @@ class Lab:
             known = ", ".join(n.name for n in self.state.node_layouts())
             raise LabError(f"no node {name!r} in lab {self.layout.name} (nodes: {known})")
         pods = {ref: pod for ref, pod in self.state.pods.items() if pod["node"] == node.name}
-        namespaces = [node.netns, *(pod["netns"] for pod in pods.values())]
+        # pods by name too: one whose ADD failed has a namespace and no entry
+        pod_prefix = f"{self.layout.name}-c{node.cluster}-pod-{node.index}-"
+        namespaces = sorted({node.netns, *(pod["netns"] for pod in pods.values()), *netns.list_netns(pod_prefix)})
         netns.stop_processes(netns.processes_in(namespaces))
         for namespace in namespaces:
             netns.ip("netns", "del", namespace, check=False)
@@ -383,10 +395,20 @@ class Lab:
         self.progress(f"{node.name}: removed with {len(pods)} pods; its CiliumNode and endpoints deleted")
         return node
 
-    def _add_pod(self, node: NodeLayout, pod: str) -> None:
+    def _add_pod(self, node: NodeLayout, pod: str, *, patience: float = 30.0) -> None:
+        """Make the pod's namespace and ADD it through the CNI plugin; an agent still starting (its store not
+        there yet) is asked again, as a kubelet retries a sandbox, for up to `patience` seconds."""
         pod_netns = f"{self.layout.name}-c{node.cluster}-{pod}"
         netns.ip("netns", "add", pod_netns)
-        result = self.cni(node, "ADD", pod)
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                result = self.cni(node, "ADD", pod)
+                break
+            except LabError as exc:
+                if "still starting" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # another process getting ready: its answers are all there is to wait on
         ip = result["ips"][0]["address"].split("/")[0]
         self.state.pods[f"c{node.cluster}/{pod}"] = {"netns": pod_netns, "ip": ip, "node": node.name}
         self.progress(f"c{node.cluster}/{pod}: {ip} on {node.name} (identity {result.get('identity')})")
@@ -463,6 +485,7 @@ async def delete_node_objects(lab: Lab, cluster: int, node_name: str, pods: list
         for pod in pods:
             with contextlib.suppress(Exception):
                 await store.delete(kind_by_name("CiliumEndpoint"), pod, "default")
-        await store.delete(kind_by_name("CiliumNode"), node_name)
+        with contextlib.suppress(Exception):  # a node that never got as far as publishing itself
+            await store.delete(kind_by_name("CiliumNode"), node_name)
     finally:
         await backend.close()
