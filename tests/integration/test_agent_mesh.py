@@ -127,10 +127,16 @@ async def test_affinity_local_prefers_local_backends(mesh: dict[str, MeshCluster
     try:
         view = agent.mesh.view
         agent.mesh.view.set_local_service("shop", "echo", affinity="local", frontends=None)
+        # c1's apiserver may export the service before its EndpointSlice: wait for both clusters' backends, then
+        # for the local one alone to be chosen (it never is when affinity is ignored: this times out then)
         await agent.recorder.wait_for(
-            lambda v: "shop/echo" in v.services and v.services["shop/echo"].clusters == ("c1", "c2")
+            lambda v: (
+                "shop/echo" in v.services
+                and v.services["shop/echo"].clusters == ("c1", "c2")
+                and [b.cluster for b in v.services["shop/echo"].backends] == ["c1"]
+            )
         )
-        assert [b.cluster for b in view.services["shop/echo"].backends] == ["c1"]
+        assert len(view.services["shop/echo"].backends) == 1
         await mesh["c1"].delete(service(["10.1.1.10"], affinity="local").split("---")[1])  # the local slice goes
         await agent.recorder.wait_for(lambda v: [b.cluster for b in v.services["shop/echo"].backends] == ["c2"])
         await mesh["c1"].apply(service(["10.1.1.10"], affinity="remote"))
