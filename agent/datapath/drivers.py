@@ -7,13 +7,11 @@ Each one keeps the kernel equal to a set of peers: it lists what is there (its o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import os
-import signal
 from pathlib import Path
 
+from agent.datapath.helpers import stop_helper
 from agent.datapath.netlink import DatapathError, netlink
 from agent.datapath.routing import Peer
 
@@ -151,14 +149,7 @@ class WireguardDriver:
         await _reconcile_routes({cidr: (None, index, False) for p in wanted.values() for cidr in p.pod_cidrs})
 
     async def close(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.process.wait(), 5)
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
+        await stop_helper(self.process)
 
     def describe(self) -> dict[str, object]:
         return {"driver": self.name, "interface": self.interface, "port": self.port,

@@ -22,7 +22,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import signal
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import vici
 
+from agent.datapath.helpers import stop_helper
 from agent.datapath.netlink import DatapathError
 from agent.datapath.routing import Peer
 
@@ -294,14 +294,7 @@ class IpsecDriver:
 
     async def close(self) -> None:
         """Stop the charon we started (not one we found running: it was started by an earlier agent and goes on)."""
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.process.wait(), 5)
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
+        await stop_helper(self.process)
 
     def describe(self) -> dict[str, object]:
         return {

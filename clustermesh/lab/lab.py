@@ -185,7 +185,8 @@ class Lab:
         world = layout.world_netns
         netns.ip("netns", "add", world)
         netns.ip("link", "set", "lo", "up", netns=world)
-        netns.run(*netns.nsenter(world), "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # /proc/sys/net is the namespace of whoever writes it (sysctl(8) is not on every machine: procps)
+        netns.run(*netns.nsenter(world), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
         for cluster in layout.all_clusters():
             netns.ip("link", "add", cluster.bridge, "type", "bridge", netns=world)
             netns.ip("addr", "add", f"{cluster.gateway}/24", "dev", cluster.bridge, netns=world)
