@@ -10,6 +10,7 @@ PACKAGES=(
   ca-certificates
   iproute2        # ip, for the lab's namespaces and the datapath
   iputils-ping    # ping, inside lab pods
+  curl            # HTTP from inside lab pods (e2e tests, users)
   wireguard-tools # wg, to configure WireGuard interfaces
   iperf3          # bench/datapath.py
   tcpdump         # e2e tests look at the underlay for clear text
