@@ -12,7 +12,8 @@ and the state folder.
 
 Nothing here sends a packet from the host's own network namespace to a lab address: the steps that talk to an etcd
 run after this process has moved into the lab's world namespace (`netns.enter`), and the agents are asked over
-unix sockets.
+unix sockets. So a process builds or changes one lab in its life: the threads gRPC starts stay in that lab's world
+(the CLI, the demo, the tests and the bench each run `clustermesh lab ...` as a process of its own).
 """
 
 from __future__ import annotations
