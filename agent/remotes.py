@@ -327,6 +327,7 @@ class RemoteCluster:
                 synced_canary=keys.synced_key(self.name, prefix),
                 metrics=self.kvmetrics,
                 on_batch=self.metrics.propagation.labels(self.name).observe if self.metrics else None,
+                on_rejected=lambda key, reason: self._set_changed(),  # status names rejected keys
             )
             for prefix, key_prefix in self.decoders.prefixes.items()
         }

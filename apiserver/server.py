@@ -150,8 +150,9 @@ class Apiserver:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
-                if task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                if (exc := task.exception()) is not None:
+                    log.error("apiserver of %s stops: %s failed: %s", self.config.cluster.name, task.get_name(), exc)
+                    raise exc
             await asyncio.gather(*tasks)
         finally:
             await cancel_and_wait(tasks)

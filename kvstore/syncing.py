@@ -152,7 +152,7 @@ class SyncStore:
             try:
                 await self._drain()
                 backoff = 0.1
-            except (errors.BackendUnavailable, errors.PermissionDenied, errors.LeaseLost) as exc:
+            except errors.KVStoreError as exc:  # any answer but success is retried: the writer of a prefix never quits
                 log.warning("sync store %s: write failed, retrying in %.1f s: %s", self.name, backoff, exc)
                 if self.metrics is not None:
                     self.metrics.errors.labels(self.name, exc.reason).inc()
@@ -221,7 +221,12 @@ class SyncStore:
                     keys = self._take_batch()
                     if not keys:
                         break
-                    ops = await self._ops(keys)
+                    try:
+                        ops = await self._ops(keys)
+                    except BaseException:  # no lease (etcd away, or cancelled): these keys stay to be written
+                        self._in_flight.difference_update(keys)
+                        self._requeue(keys)
+                        raise
                     if ops:
                         running[asyncio.create_task(self._commit(ops))] = keys
                     else:

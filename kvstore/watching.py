@@ -63,6 +63,7 @@ class WatchStore(Generic[T]):
         synced_canary: str | None = None,
         metrics: KVStoreMetrics | None = None,
         on_batch: Callable[[float], None] | None = None,
+        on_rejected: Callable[[str, str], None] | None = None,
     ) -> None:
         self.prefix = prefix
         self.decode = decode
@@ -72,6 +73,8 @@ class WatchStore(Generic[T]):
         self.metrics = metrics
         #: Called with the seconds each watched batch took to apply (observers included).
         self.on_batch = on_batch
+        #: Called with the key and the reason of each rejected value (a status change its owner may announce).
+        self.on_rejected = on_rejected
         self.entries: dict[str, T] = {}
         #: key -> reason, for keys whose current value was rejected (shown in status)
         self.rejected: dict[str, str] = {}
@@ -208,6 +211,8 @@ class WatchStore(Generic[T]):
         log.warning("watch store %s: rejected %s: %s", self.name, key, reason)
         if self.metrics is not None:
             self.metrics.rejected.labels(self.name, _reason_label(reason)).inc()
+        if self.on_rejected is not None:
+            self.on_rejected(key, reason)
 
     def _flush_metrics(self) -> None:
         """Metrics are updated once per list or batch, not per entry: a labelled update costs microseconds."""

@@ -102,7 +102,7 @@ class StandaloneStore:
     async def list(self, kind: Kind) -> ObjectList:
         try:
             listing = await self.backend.list_prefix(keys.registry_kind_prefix(kind.plural))
-        except kverrors.BackendUnavailable as exc:
+        except kverrors.KVStoreError as exc:  # etcd away, or refusing us for now: the informer retries and says why
             raise Unavailable(f"cannot list {kind.plural}: {exc}") from exc
         items = [
             obj
@@ -124,7 +124,7 @@ class StandaloneStore:
                         yield WatchEvent("ADDED" if event.version == 1 else "MODIFIED", obj)
         except kverrors.RevisionCompacted as exc:
             raise Gone(f"{kind.plural}: resourceVersion {resource_version} is too old ({exc})") from exc
-        except kverrors.BackendUnavailable as exc:
+        except kverrors.KVStoreError as exc:
             raise Unavailable(f"watch of {kind.plural} broke: {exc}") from exc
 
     def _stub(self, kind: Kind, key: str, revision: int) -> Object:

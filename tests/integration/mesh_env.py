@@ -175,7 +175,14 @@ class MeshCluster:
             await self._backend.close()
             self._backend = None
 
+    def check_apiserver(self) -> None:
+        """A test that writes objects relies on the apiserver publishing them: if it died, say so and why."""
+        if self._task is not None and self._task.done():
+            self._task.result()
+            raise AssertionError(f"the apiserver of {self.name} stopped")
+
     async def apply(self, text: str) -> None:
+        self.check_apiserver()
         backend = await etcd.connect(self.config(f"admin-{self.name}"))
         try:
             outcomes = await apply_objects(
@@ -186,6 +193,7 @@ class MeshCluster:
         assert all(o.action != "failed" for o in outcomes), outcomes
 
     async def delete(self, text: str) -> None:
+        self.check_apiserver()
         backend = await etcd.connect(self.config(f"admin-{self.name}"))
         try:
             outcomes = await delete_objects(

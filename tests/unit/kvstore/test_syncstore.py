@@ -150,6 +150,31 @@ async def test_outage_is_retried_with_backoff_and_nothing_is_lost(backend: Memor
         await _stop(task)
 
 
+@pytest.mark.looptime
+async def test_keys_whose_new_lease_cannot_be_granted_yet_are_written_once_etcd_is_back(
+    backend: MemoryBackend,
+) -> None:
+    leases = LeaseManager(backend)
+    store = SyncStore(backend, prefix=PREFIX, synced_key=CANARY, leases=leases)
+    task = await _running(store)
+    try:
+        store.upsert("a", b"1")
+        store.upsert("b", b"2")
+        store.mark_synced()
+        await asyncio.wait_for(store.synced.wait(), 5)
+        lost = next(iter(leases.leases))
+        await backend.expire_lease(lost)
+        backend.available = False
+        leases.lease_lost(lost)  # a new lease is needed while etcd does not answer
+        await asyncio.sleep(3)  # virtual time: several failed grants
+        store.delete("b")
+        backend.available = True
+        await asyncio.wait_for(store.wait_idle(), 30)
+        assert backend.keys() == sorted([CANARY, PREFIX + "a"])
+    finally:
+        await _stop(task)
+
+
 def test_prefix_must_end_with_a_slash() -> None:
     with pytest.raises(ValueError, match="must end with '/'"):
         SyncStore(MemoryBackend(), prefix="cilium/state/nodes/v1/c1")

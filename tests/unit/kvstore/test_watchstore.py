@@ -71,7 +71,8 @@ async def test_one_malformed_value_among_many_is_rejected_alone() -> None:
         await backend.commit(ops[start : start + 100])
     registry = CollectorRegistry()
     recorder = Recorder()
-    store = store_with(recorder, metrics=KVStoreMetrics(registry))
+    told: list[tuple[str, str]] = []  # what the store's owner hears (the agent wakes its status waiters on it)
+    store = store_with(recorder, metrics=KVStoreMetrics(registry), on_rejected=lambda k, r: told.append((k, r)))
     task = asyncio.create_task(store.run(backend))
     try:
         await asyncio.wait_for(store.synced.wait(), 5)
@@ -92,6 +93,11 @@ async def test_one_malformed_value_among_many_is_rejected_alone() -> None:
         await backend.commit([PutOp(PREFIX + "n2000", node("someone-else")), PutOp(PREFIX + "n2001", node("n2001"))])
         await recorder.wait_for(lambda r: PREFIX + "n2001" in r.state)
         assert store.rejected[PREFIX + "n2000"] == "name does not match key"
+        assert told == [
+            (PREFIX + "n0500", "malformed JSON"),
+            (PREFIX + "n0001", "malformed JSON"),
+            (PREFIX + "n2000", "name does not match key"),
+        ]
         assert registry.get_sample_value("clustermesh_kvstore_entries", {"store": "nodes"}) == 1001
     finally:
         await _stop(task)
