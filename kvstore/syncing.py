@@ -115,6 +115,10 @@ class SyncStore:
     def held(self) -> dict[str, bytes]:
         return dict(self._desired)
 
+    def pending(self) -> dict[str, int]:
+        """How many keys wait to be written and how many are in a transaction (for status and failure reports)."""
+        return {"dirty": len(self._dirty), "in_flight": len(self._in_flight)}
+
     async def wait_idle(self) -> None:
         """Until every wish so far is in etcd."""
         while not self._idle.is_set():
