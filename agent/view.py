@@ -317,7 +317,9 @@ class MergedView:
         inputs = self._services.get(key)
         merged = _merge_service(key, inputs, self.local_cluster) if inputs is not None else None
         if merged is None:
-            self._services.pop(key, None)
+            if inputs is not None and not inputs.exports and not inputs.affinity:
+                # nothing left to remember; a local Service's affinity is kept for exports that come later
+                self._services.pop(key, None)
             if self.services.pop(key, None) is not None:
                 self._emit(Change("service", "delete", key, None, cluster))
             return
