@@ -104,11 +104,6 @@ def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
             process.wait()
 
 
-def stop_pid(pid: int) -> None:
-    """A process that is not our child (a charon started through nsenter): SIGTERM, SIGKILL after 5 s."""
-    netns.stop_processes([pid])
-
-
 def iperf(server_ns: str, client_ns: str, address: str, seconds: int, omit: int) -> float:
     """One TCP stream from client_ns to address (in server_ns) for `seconds` after `omit` seconds of warm-up;
     the receiver's Gbit/s."""
@@ -256,12 +251,16 @@ def bare_ipsec(ends: Ends) -> str:
         except TimeoutError:
             raise RuntimeError(f"bare IPsec: no child SA after 30 s: {[d.sas for d, _ in drivers]}") from None
 
-    try:
-        asyncio.run(converge())
-    finally:
-        for driver, _ in drivers:  # by PID: the drivers' event loop is gone (and `lab down` would stop them too)
-            if driver.charon_pid is not None:
-                ends.cleanup.callback(stop_pid, driver.charon_pid)
+    # One event loop for the charons' whole life: they are children of its child watcher, and stop through it.
+    runner = asyncio.Runner()
+    ends.cleanup.callback(runner.close)
+
+    def close(driver: IpsecDriver) -> None:
+        runner.run(driver.close())
+
+    for driver, _ in drivers:
+        ends.cleanup.callback(close, driver)
+    runner.run(converge())
     return FAR_ADDRESS
 
 
