@@ -531,17 +531,27 @@ def _lab_errors(work: Callable[[], T]) -> T:
         raise click.ClickException(str(exc)) from None
 
 
+def _lab_name(positional: str | None, option: str | None) -> str:
+    """`lab down L` and `lab down --name L` both work (like `lab exec L ...`); two different names are an error."""
+    if positional is not None and option is not None and positional != option:
+        raise click.UsageError(f"two lab names given: {positional!r} and --name {option!r}")
+    return positional if positional is not None else option if option is not None else "cmlab"
+
+
 @lab_group.command("up")
-@click.option("--name", default="cmlab", show_default=True, help="The lab's name (1-8 lower-case letters, digits).")
+@click.argument("lab", required=False, metavar="[NAME]")
+@click.option("--name", default=None, help="The lab's name: 1-8 lower-case letters, digits.  [default: cmlab]")
 @click.option("--clusters", default=2, show_default=True)
 @click.option("--nodes", default=2, show_default=True, help="Nodes per cluster.")
 @click.option("--pods", default=2, show_default=True, help="Pods per node.")
 @click.option("--routing", type=click.Choice(["wireguard", "ipsec", "vxlan", "native"]), default="wireguard",
               show_default=True)  # fmt: skip
-def lab_up(name: str, clusters: int, nodes: int, pods: int, routing: str) -> None:
+def lab_up(lab: str | None, name: str | None, clusters: int, nodes: int, pods: int, routing: str) -> None:
     """Build the lab: underlay, per cluster etcd and apiserver, per node an agent, pods, all clusters connected."""
     from clustermesh.lab.lab import Lab, LabExists
     from clustermesh.lab.layout import LabLayout
+
+    name = _lab_name(lab, name)
 
     def up() -> None:
         lab = Lab(LabLayout(name, clusters, nodes, pods, routing), progress=output.step)
@@ -561,22 +571,26 @@ def lab_up(name: str, clusters: int, nodes: int, pods: int, routing: str) -> Non
 
 
 @lab_group.command("down")
-@click.option("--name", default="cmlab", show_default=True)
-def lab_down(name: str) -> None:
+@click.argument("lab", required=False, metavar="[NAME]")
+@click.option("--name", default=None, help="The lab's name (also as the argument).  [default: cmlab]")
+def lab_down(lab: str | None, name: str | None) -> None:
     """Remove everything the lab made: processes, namespaces, sockets, state (also after a crash)."""
     from clustermesh.lab.lab import down
 
+    name = _lab_name(lab, name)
     _lab_errors(lambda: down(name, progress=output.step))
 
 
 @lab_group.command("status")
-@click.option("--name", default="cmlab", show_default=True)
+@click.argument("lab_name", required=False, metavar="[NAME]")
+@click.option("--name", default=None, help="The lab's name (also as the argument).  [default: cmlab]")
 @output_option
-def lab_status(name: str, output_format: str) -> None:
+def lab_status(lab_name: str | None, name: str | None, output_format: str) -> None:
     """Each node's agent: ready or not, clusters, datapath peers; each pod's address."""
     from clustermesh.lab.lab import Lab
     from clustermesh.status import AgentUnreachable, fetch_status
 
+    name = _lab_name(lab_name, name)
     lab = _lab_errors(lambda: Lab.existing(name))
     state = lab.state
 

@@ -59,7 +59,7 @@ def test_down_after_a_crash_removes_everything() -> None:
         assert lab.wireguard_sockets(), "control: wireguard-go, killed, should have left its sockets"
         assert lab.namespaces() and (STATE_ROOT / lab.name).exists()
 
-        result = clustermesh("lab", "down", "--name", lab.name)
+        result = clustermesh("lab", "down", lab.name)  # the name as an argument works as well as --name
         assert result.returncode == 0, describe(result)
         _assert_gone(lab, pids)
 
