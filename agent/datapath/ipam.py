@@ -16,13 +16,18 @@ from certs.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IPAM", "IPAMExhausted"]
+__all__ = ["IPAM", "IPAMExhausted", "recovered_owner"]
 
 RESERVED_HOSTS = 9
 
 
 class IPAMExhausted(Exception):
     pass
+
+
+def recovered_owner(device_or_address: str) -> str:
+    """The owner recorded for an address found in use with no owner known: by its interface when known."""
+    return f"recovered-{device_or_address}"
 
 
 class IPAM:
@@ -48,19 +53,25 @@ class IPAM:
                       self.path, exc, aside)  # fmt: skip
             return {}
 
-    def reserve(self, address: str) -> None:
-        """Mark an address found in use (a pod's route) whose owner is unknown: it is never handed out again."""
+    def reserve(self, address: str, device: str | None = None) -> None:
+        """Mark an address found in use (a pod's route) whose owner is unknown: it is not handed out again until
+        its pod goes. `device`, the route's interface, names the pod: its container's DEL or ADD finds it by it."""
         if address not in self.allocated.values() and ipaddress.ip_address(address) in self.network:
-            self.allocated[f"recovered-{address}"] = address
+            self.allocated[recovered_owner(device or address)] = address
             self._save()
 
     def _save(self) -> None:
         write_atomic(self.path, json.dumps(self.allocated, indent=1, sort_keys=True).encode(), mode=0o644)
 
-    def allocate(self, owner: str) -> str:
-        """The address of `owner` (a container ID): the one it has, or the lowest free one."""
+    def allocate(self, owner: str, device: str | None = None) -> str:
+        """The address of `owner` (a container ID): the one it has (also one recovered on its `device`), or the
+        lowest free one."""
         if owner in self.allocated:
             return self.allocated[owner]
+        if device is not None and (address := self.allocated.pop(recovered_owner(device), None)) is not None:
+            self.allocated[owner] = address
+            self._save()
+            return address
         used = set(self.allocated.values())
         for number, host in enumerate(self.network.hosts()):
             if number < RESERVED_HOSTS:
@@ -71,8 +82,11 @@ class IPAM:
                 return str(host)
         raise IPAMExhausted(f"no free address left in {self.network} ({len(used)} in use)")
 
-    def release(self, owner: str) -> str | None:
+    def release(self, owner: str, device: str | None = None) -> str | None:
+        """Free the address of `owner`, or the one recovered on its `device` (its owner was lost with the state)."""
         address = self.allocated.pop(owner, None)
+        if address is None and device is not None:
+            address = self.allocated.pop(recovered_owner(device), None)
         if address is not None:
             self._save()
         return address

@@ -57,12 +57,13 @@ class PodNetwork:
             index = await nl.require("lo")
             await nl.up(index)
             await nl.ensure_address(index, f"{self.router_ip}/32")
-            for destination in await nl.our_routes(RTPROT_PODS):  # pods attached before a restart
-                self.ipam.reserve(destination.partition("/")[0])
+            links = {index: name for name, index in (await nl.links()).items()}
+            for destination, route in (await nl.our_routes(RTPROT_PODS)).items():  # pods attached before a restart
+                self.ipam.reserve(destination.partition("/")[0], device=links.get(route["oif"]))
 
     async def add(self, container_id: str, netns_path: str, interface: str) -> PodAttachment:
-        ip = self.ipam.allocate(container_id)
         host_name = host_veth(container_id)
+        ip = self.ipam.allocate(container_id, device=host_name)
         try:
             async with netlink() as nl:
                 if await nl.index(host_name) is None:
@@ -91,7 +92,7 @@ class PodNetwork:
     async def delete(self, container_id: str) -> str | None:
         async with netlink() as nl:
             await nl.delete_link(host_veth(container_id))
-        return self.ipam.release(container_id)
+        return self.ipam.release(container_id, device=host_veth(container_id))
 
     async def check(self, container_id: str, netns_path: str, interface: str) -> list[str]:
         """What is wrong with a pod's attachment (empty when all is as ADD left it)."""

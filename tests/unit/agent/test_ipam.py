@@ -103,6 +103,22 @@ def test_a_reserved_address_found_in_use_is_not_handed_out(tmp_path: Path) -> No
     assert "10.1.2.10" in IPAM("10.1.2.0/24", tmp_path / "ipam.json").allocated.values()
 
 
+def test_an_address_recovered_on_a_pods_interface_goes_with_that_pods_delete(tmp_path: Path) -> None:
+    """The state was lost, the routes were found again: the container's DEL (or a repeated ADD) names the pod by
+    its node-side interface, so its address is freed (or handed back) rather than kept for ever."""
+    ipam = IPAM("10.1.2.0/24", tmp_path / "ipam.json")
+    ipam.reserve("10.1.2.10", device="lxc-a")
+    ipam.reserve("10.1.2.11", device="lxc-b")
+    assert ipam.release("container-x", device="lxc-other") is None  # another pod's interface frees nothing
+    assert ipam.release("container-a", device="lxc-a") == "10.1.2.10"
+    assert ipam.allocate("container-b", device="lxc-b") == "10.1.2.11"  # the same pod keeps its address
+    assert ipam.allocate("container-c") == "10.1.2.10"
+    assert IPAM("10.1.2.0/24", tmp_path / "ipam.json").allocated == {
+        "container-b": "10.1.2.11",
+        "container-c": "10.1.2.10",
+    }
+
+
 def test_reserving_an_allocated_address_keeps_its_owner(tmp_path: Path) -> None:
     ipam = IPAM("10.1.2.0/24", tmp_path / "ipam.json")
     ipam.allocate("a")
