@@ -24,6 +24,8 @@ from typing import Protocol
 
 import msgspec
 
+from kvstore import errors
+
 __all__ = [
     "Backend",
     "Delete",
@@ -34,6 +36,7 @@ __all__ = [
     "PutOp",
     "Upsert",
     "WriteOp",
+    "wait_for_key",
 ]
 
 
@@ -138,3 +141,16 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+async def wait_for_key(backend: Backend, key: str) -> Entry:
+    """`key`'s entry, once it exists: read, then watched from the read's revision (nothing missed, no polling)."""
+    listing = await backend.list_prefix(key)
+    for entry in listing.entries:
+        if entry.key == key:
+            return entry
+    async for batch in backend.watch(key, start_revision=listing.revision + 1):
+        for event in batch:
+            if isinstance(event, Upsert) and event.key == key:
+                return Entry(key, event.value, event.revision, event.lease, event.version, event.create_revision)
+    raise errors.BackendUnavailable(f"watch {key}: the stream ended before the key appeared")

@@ -26,7 +26,7 @@ from typing import Generic, Protocol, TypeVar
 
 from clustermesh.model.errors import InvalidValue
 from kvstore import errors
-from kvstore.backend import Backend, Delete, Event, Upsert
+from kvstore.backend import Backend, Delete, Event, wait_for_key
 from kvstore.metrics import KVStoreMetrics
 
 __all__ = ["Observer", "WatchStore"]
@@ -107,16 +107,9 @@ class WatchStore(Generic[T]):
             self.live.clear()
 
     async def _wait_for_canary(self, backend: Backend, key: str) -> None:
-        entry = await backend.get(key)
-        if entry is not None:
-            return
-        log.info("watch store %s: waiting for the writer's synced canary %s", self.name, key)
-        listing = await backend.list_prefix(key)  # for its revision: watch from there, and miss nothing
-        if any(e.key == key for e in listing.entries):
-            return
-        async for batch in backend.watch(key, start_revision=listing.revision + 1):
-            if any(isinstance(event, Upsert) and event.key == key for event in batch):
-                return
+        if await backend.get(key) is None:
+            log.info("watch store %s: waiting for the writer's synced canary %s", self.name, key)
+            await wait_for_key(backend, key)
 
     async def _list(self, backend: Backend, cause: str) -> int:
         if self.synced.is_set():

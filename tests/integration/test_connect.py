@@ -22,6 +22,7 @@ import yaml
 import certs
 from clustermesh.model.kinds import kind_by_name
 from kvstore import etcd
+from kvstore.backend import wait_for_key
 from resources.standalone import StandaloneStore
 from tests.integration.mesh_env import MeshCluster, node
 
@@ -159,12 +160,9 @@ async def test_connect_then_a_real_agent_reads_the_peer(
         assert status_code == 400 and "ipv4" in bad["error"]
         backend = await etcd.connect(c1.config("root"))
         try:
-            for _ in range(200):
-                entry = await backend.get("cilium/state/ip/v1/default/10.1.1.10")
-                if entry is not None:
-                    break
-                await asyncio.sleep(0.05)  # an external process publishes it: poll etcd
-            assert entry is not None and f'"ID":{identity}'.encode() in entry.value
+            async with asyncio.timeout(20):  # c1's apiserver, another process, publishes it
+                entry = await wait_for_key(backend, "cilium/state/ip/v1/default/10.1.1.10")
+            assert f'"ID":{identity}'.encode() in entry.value
         finally:
             await backend.close()
 
