@@ -36,7 +36,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from clustermesh.model.errors import ModelError
-from clustermesh.model.kinds import Kind, Object, kind_by_name
+from clustermesh.model.kinds import Kind, Object
 from clustermesh.model.validation import validate_object
 from resources.store import (
     AlreadyExists,
@@ -48,6 +48,8 @@ from resources.store import (
     ResourceError,
     Unavailable,
     WatchEvent,
+    checked,
+    describe,
 )
 
 __all__ = ["KubernetesStore"]
@@ -126,10 +128,6 @@ def _from_status(what: str, kind: Kind, exc: _StatusError) -> ResourceError:
     error = ResourceError(f"{what}: HTTP {exc.code}{f' {reason}' if reason else ''}: {message}")
     error.code = exc.code
     return error
-
-
-def _describe(kind: Kind, name: str, namespace: str | None) -> str:
-    return f"{kind.name} {namespace or 'default'}/{name}" if kind.namespaced else f"{kind.name} {name}"
 
 
 def _object_path(kind: Kind, name: str, namespace: str | None) -> str:
@@ -442,7 +440,7 @@ class KubernetesStore:
             log.debug("kubernetes store (%s): %s ended; resuming from resourceVersion %s", self.host, what, version)
 
     async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Object | None:
-        with _translating(f"cannot read {_describe(kind, name, namespace)}", kind):
+        with _translating(f"cannot read {describe(kind, name, namespace)}", kind):
             try:
                 obj = await self._request("GET", _object_path(kind, name, namespace))
             except _StatusError as exc:
@@ -453,36 +451,26 @@ class KubernetesStore:
 
     # --- writing
 
-    @staticmethod
-    def _checked(obj: Object) -> tuple[Kind, str, str | None]:
-        try:
-            validate_object(obj)
-            kind = kind_by_name(obj["kind"])
-        except ModelError as exc:
-            raise Invalid(str(exc)) from exc
-        metadata = obj["metadata"]
-        return kind, metadata["name"], metadata.get("namespace") if kind.namespaced else None
-
     def _answer(self, kind: Kind, obj: dict[str, Any]) -> Object:
         obj.setdefault("apiVersion", kind.api_version)
         obj.setdefault("kind", kind.name)
         return obj
 
     async def create(self, obj: Object) -> Object:
-        kind, name, namespace = self._checked(obj)
+        kind, name, namespace = checked(obj)
         # The API server refuses a create that carries a resourceVersion (a copy of a read object, say).
         body = {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}}
-        with _translating(f"cannot create {_describe(kind, name, namespace)}", kind):
+        with _translating(f"cannot create {describe(kind, name, namespace)}", kind):
             created = await self._request("POST", kind.collection_path(namespace), body=body)
         return self._answer(kind, created)
 
     async def update(self, obj: Object) -> Object:
         """Replace the object (PUT); with `metadata.resourceVersion` set, only if it is still the stored one."""
-        kind, name, namespace = self._checked(obj)
-        with _translating(f"cannot update {_describe(kind, name, namespace)}", kind):
+        kind, name, namespace = checked(obj)
+        with _translating(f"cannot update {describe(kind, name, namespace)}", kind):
             updated = await self._request("PUT", _object_path(kind, name, namespace), body=obj)
         return self._answer(kind, updated)
 
     async def delete(self, kind: Kind, name: str, namespace: str | None = None) -> None:
-        with _translating(f"cannot delete {_describe(kind, name, namespace)}", kind):
+        with _translating(f"cannot delete {describe(kind, name, namespace)}", kind):
             await self._request("DELETE", _object_path(kind, name, namespace))

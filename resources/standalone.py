@@ -26,7 +26,7 @@ import msgspec
 
 from clustermesh.model import keys
 from clustermesh.model.errors import ModelError
-from clustermesh.model.kinds import Kind, Object, kind_by_name
+from clustermesh.model.kinds import Kind, Object
 from clustermesh.model.validation import validate_object
 from kvstore import errors as kverrors
 from kvstore.backend import Backend, Delete
@@ -34,11 +34,12 @@ from resources.store import (
     AlreadyExists,
     Conflict,
     Gone,
-    Invalid,
     NotFound,
     ObjectList,
     Unavailable,
     WatchEvent,
+    checked,
+    describe,
 )
 
 __all__ = ["StandaloneStore", "registry_key"]
@@ -62,10 +63,6 @@ def _stored_metadata(value: bytes) -> dict[str, Any]:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return {}
     return metadata if isinstance(metadata, dict) else {}
-
-
-def _describe(kind: Kind, name: str, namespace: str | None) -> str:
-    return f"{kind.name} {namespace}/{name}" if kind.namespaced else f"{kind.name} {name}"
 
 
 class StandaloneStore:
@@ -140,8 +137,8 @@ class StandaloneStore:
         key = registry_key(kind, name, namespace)
         try:
             entry = await self.backend.get(key)
-        except kverrors.BackendUnavailable as exc:
-            raise Unavailable(f"cannot read {_describe(kind, name, namespace)}: {exc}") from exc
+        except kverrors.KVStoreError as exc:
+            raise Unavailable(f"cannot read {describe(kind, name, namespace)}: {exc}") from exc
         if entry is None:
             return None
         return self._decode(kind, key, entry.value, entry.mod_revision)
@@ -149,22 +146,12 @@ class StandaloneStore:
     # --- writing
 
     @staticmethod
-    def _checked(obj: Object) -> tuple[Kind, str, str | None]:
-        try:
-            validate_object(obj)
-            kind = kind_by_name(obj["kind"])
-        except ModelError as exc:
-            raise Invalid(str(exc)) from exc
-        metadata = obj["metadata"]
-        return kind, metadata["name"], metadata.get("namespace") if kind.namespaced else None
-
-    @staticmethod
     def _encode(obj: Object) -> bytes:
         metadata = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
         return _encoder.encode({**obj, "metadata": metadata})
 
     async def create(self, obj: Object) -> Object:
-        kind, name, namespace = self._checked(obj)
+        kind, name, namespace = checked(obj)
         stored = {**obj, "metadata": dict(obj["metadata"])}
         stored["metadata"].setdefault("uid", str(uuid.uuid4()))
         stored["metadata"].setdefault(
@@ -173,17 +160,17 @@ class StandaloneStore:
         try:
             revision = await self.backend.create(registry_key(kind, name, namespace), self._encode(stored))
         except kverrors.KVStoreError as exc:
-            raise Unavailable(f"cannot create {_describe(kind, name, namespace)}: {exc}") from exc
+            raise Unavailable(f"cannot create {describe(kind, name, namespace)}: {exc}") from exc
         if revision == 0:
-            raise AlreadyExists(f"{_describe(kind, name, namespace)} already exists")
+            raise AlreadyExists(f"{describe(kind, name, namespace)} already exists")
         stored["metadata"]["resourceVersion"] = str(revision)
         return stored
 
     async def update(self, obj: Object) -> Object:
         """Replace the object; with `metadata.resourceVersion` set, only if it is still the stored one."""
-        kind, name, namespace = self._checked(obj)
+        kind, name, namespace = checked(obj)
         key = registry_key(kind, name, namespace)
-        what = _describe(kind, name, namespace)
+        what = describe(kind, name, namespace)
         try:
             current = await self.backend.get(key)
             if current is None:
@@ -209,7 +196,7 @@ class StandaloneStore:
 
     async def delete(self, kind: Kind, name: str, namespace: str | None = None) -> None:
         key = registry_key(kind, name, namespace)
-        what = _describe(kind, name, namespace)
+        what = describe(kind, name, namespace)
         try:
             current = await self.backend.get(key)
             if current is None or not await self.backend.delete_if(key, mod_revision=current.mod_revision):

@@ -23,7 +23,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from clustermesh.model.kinds import Kind, Object
+from clustermesh.model.errors import ModelError
+from clustermesh.model.kinds import Kind, Object, kind_by_name
+from clustermesh.model.validation import validate_object
 
 __all__ = [
     "AlreadyExists",
@@ -36,6 +38,8 @@ __all__ = [
     "ResourceStore",
     "Unavailable",
     "WatchEvent",
+    "checked",
+    "describe",
 ]
 
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
@@ -103,3 +107,20 @@ class ResourceStore(Protocol):
     async def delete(self, kind: Kind, name: str, namespace: str | None = None) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def checked(obj: Object) -> tuple[Kind, str, str | None]:
+    """A valid object's kind, name and namespace (None for a cluster-wide kind); `Invalid`, naming the field, if
+    it is not valid. Every store checks what it is given to write with it."""
+    try:
+        validate_object(obj)
+        kind = kind_by_name(obj["kind"])
+    except ModelError as exc:
+        raise Invalid(str(exc)) from exc
+    metadata = obj["metadata"]
+    return kind, metadata["name"], metadata.get("namespace") if kind.namespaced else None
+
+
+def describe(kind: Kind, name: str, namespace: str | None) -> str:
+    """How errors name an object: `Service shop/echo`, `Namespace shop`."""
+    return f"{kind.name} {namespace or 'default'}/{name}" if kind.namespaced else f"{kind.name} {name}"

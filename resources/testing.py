@@ -81,6 +81,12 @@ async def check_create_get_update_delete(store: ResourceStore, prefix: str) -> N
             pass
         else:
             raise AssertionError("a missing object did not raise NotFound")
+    try:
+        await store.delete(SERVICE, f"{prefix}absent")  # no namespace given: the default one, and the error says so
+    except NotFound as exc:
+        assert f"Service default/{prefix}absent" in str(exc), exc
+    else:
+        raise AssertionError("a missing Service did not raise NotFound")
 
 
 async def check_invalid_objects_are_refused_naming_the_field(store: ResourceStore, prefix: str) -> None:
