@@ -29,7 +29,6 @@ class ClusterConfigEnforcer:
         self.value = wire.encode(cluster_config(cluster))
         self.leases = leases
         self.written = asyncio.Event()
-        self.rewrites = 0
         if leases is not None:
             leases.subscribe(self._on_lease_lost)
         self._lost = asyncio.Event()
@@ -45,17 +44,16 @@ class ClusterConfigEnforcer:
 
     async def run_once(self) -> None:
         """Write if needed, then watch and restore until the connection breaks (raises)."""
-        entry = await self.backend.get(self.key)
+        listing = await self.backend.list_prefix(self.key)  # the value, and the revision to watch from
+        entry = next((e for e in listing.entries if e.key == self.key), None)
         if entry is None or entry.value != self.value or not self._on_our_lease(entry.lease):
             await self._write()
         else:
             self.written.set()
-        listing = await self.backend.list_prefix(self.key)
         async for batch in self.backend.watch(self.key, start_revision=listing.revision + 1):
             if any(event.key == self.key and not (isinstance(event, Upsert) and event.value == self.value)
                    for event in batch):  # fmt: skip
                 log.warning("%s was changed or deleted by someone else: restoring it", self.key)
-                self.rewrites += 1
                 await self._write()
 
     def _on_our_lease(self, lease: int) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import click
 from prometheus_client import CollectorRegistry, Counter
 
-from apiserver.server import Apiserver, ApiserverConfig
+from apiserver.server import Apiserver, ApiserverConfig, readyz_answer
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
 from daemon.http import HttpEndpoint, Response, metrics_route, parse_address, text_route
@@ -48,7 +48,7 @@ class Phase:
     def readyz(self) -> Response:
         if self.apiserver is not None:
             return self.apiserver.readyz()
-        return 503, "text/plain", f"not ready:\n- {self.reason}\n".encode()
+        return readyz_answer([self.reason])
 
 
 def make_resource_store(source: str, backend: Backend, kubeconfig: str | None, context: str | None) -> ResourceStore:
@@ -80,6 +80,7 @@ async def run(options: dict[str, Any]) -> None:
     log.info("health endpoint listening on http://%s (/healthz, /readyz)", health.address)
     log.info("metrics endpoint listening on http://%s/metrics", metrics.address)
     backend: Backend | None = None
+    resources: ResourceStore | None = None
     try:
         phase.reason = "connecting to etcd"
         config: EtcdConfig = options["etcd"]
@@ -96,12 +97,13 @@ async def run(options: dict[str, Any]) -> None:
             ApiserverConfig(cluster, lease_ttl=options["lease_ttl"]), backend, resources, registry=registry
         )
         phase.apiserver = apiserver
-        metrics.routes["/metrics"] = metrics_route(registry)
         log.info("publishing cluster %s (ID %d) from the %s store", cluster.name, cluster.id, options["source"])
         await apiserver.run()
     finally:
         await health.stop()
         await metrics.stop()
+        if resources is not None:
+            await resources.close()  # a Kubernetes store's watch threads and connection pool
         if backend is not None:
             await backend.close()
 

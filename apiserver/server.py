@@ -28,7 +28,7 @@ from apiserver.exporting import Exporter, StateStores
 from clustermesh.model import keys
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.kinds import kind_by_name
-from daemon.http import Response, Route, metrics_route, text_route
+from daemon.http import Response
 from daemon.tasks import cancel_and_wait
 from kvstore.backend import Backend
 from kvstore.heartbeat import HeartbeatWriter
@@ -159,18 +159,12 @@ class Apiserver:
 
     # --- HTTP
 
-    def healthz(self) -> Response:
-        return 200, "text/plain", b"ok\n"
-
     def readyz(self) -> Response:
-        reasons = self.not_ready()
-        if reasons:
-            return 503, "text/plain", ("not ready:\n" + "\n".join(f"- {r}" for r in reasons) + "\n").encode()
-        return 200, "text/plain", b"ready\n"
+        return readyz_answer(self.not_ready())
 
-    def http_routes(self) -> dict[str, Route]:
-        return {
-            "/healthz": text_route(self.healthz),
-            "/readyz": text_route(self.readyz),
-            "/metrics": metrics_route(self.registry),
-        }
+
+def readyz_answer(reasons: list[str]) -> Response:
+    """/readyz: 200 "ready", or 503 with one line per reason."""
+    if reasons:
+        return 503, "text/plain", ("not ready:\n" + "\n".join(f"- {r}" for r in reasons) + "\n").encode()
+    return 200, "text/plain", b"ready\n"

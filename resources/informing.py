@@ -43,7 +43,6 @@ class Informer:
         self.max_backoff = max_backoff
         self.cache: dict[Ref, Object] = {}
         self.synced = asyncio.Event()
-        self.lists = 0
         self.last_error: str = ""
 
     async def run(self) -> None:
@@ -69,7 +68,6 @@ class Informer:
 
     async def _list(self) -> str:
         listing = await self.store.list(self.kind)
-        self.lists += 1
         seen: set[Ref] = set()
         for obj in listing.items:
             seen.add(object_ref(obj))

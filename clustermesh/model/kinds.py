@@ -12,7 +12,7 @@ from typing import Any
 
 from clustermesh.model.errors import ModelError
 
-__all__ = ["KINDS", "Kind", "Object", "UnknownKind", "kind_by_name", "object_key", "resolve_kind"]
+__all__ = ["KINDS", "Kind", "Object", "UnknownKind", "kind_by_name", "resolve_kind"]
 
 Object = dict[str, Any]
 
@@ -79,9 +79,3 @@ def resolve_kind(text: str) -> Kind:
         known = ", ".join(sorted(k.plural for k in KINDS))
         raise UnknownKind(f"unknown resource type {text!r}; try one of: {known}")
     return kind
-
-
-def object_key(obj: Object) -> tuple[str, str, str]:
-    """(kind, namespace or "", name): how an object is told apart from every other."""
-    metadata = obj.get("metadata") or {}
-    return str(obj.get("kind", "")), str(metadata.get("namespace") or ""), str(metadata.get("name", ""))
