@@ -24,6 +24,8 @@ from kvstore.watching import WatchStore
 from resources.store import ResourceStore
 from tests.integration.conftest import EtcdCluster
 
+FENCE_KEY = "cilium/test-fence"  # watched by the bench's reader, written by nobody but `Bench.fence`
+
 
 @dataclass
 class Bench:
@@ -35,6 +37,7 @@ class Bench:
     standin: Any = None  # the stand-in Kubernetes API server, when the store is the Kubernetes one
     _task: asyncio.Task[None] | None = None
     _watch: asyncio.Task[None] | None = None
+    _fences: int = 0
 
     async def start_watching(self) -> None:
         watcher: WatchStore[bytes] = WatchStore(prefix="cilium/", decode=lambda k, v: v, observer=self.recorder)
@@ -87,6 +90,14 @@ class Bench:
 
     async def wait_for(self, condition: Callable[[dict[str, bytes]], bool], timeout: float = 10.0) -> None:
         await self.recorder.wait_for(lambda r: condition(r.state), timeout)
+
+    async def fence(self) -> None:
+        """Until the watcher has seen everything written so far: a write of our own, then waiting for it to come
+        round (what was written before it reached the watcher before it)."""
+        self._fences += 1
+        value = str(self._fences).encode()
+        await self.backend.put(FENCE_KEY, value)
+        await self.recorder.wait_for(lambda r: r.state.get(FENCE_KEY) == value)
 
 
 async def wipe(backend: etcd.EtcdBackend) -> None:

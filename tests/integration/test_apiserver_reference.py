@@ -404,9 +404,15 @@ async def test_restart_under_a_live_reader_deletes_nothing(env: Bench) -> None:
     before = {k: v for k, v in env.recorder.state.items() if k.startswith("cilium/state/")}
     env.recorder.clear()
     await env.stop_apiserver()
-    await env.start_apiserver()
+    apiserver = await env.start_apiserver()
+    await env.fence()  # the reader has seen all the restarted apiserver wrote (and deleted) while getting ready
     assert env.recorder.deletes() == [], "a restarted apiserver must not make readers see deletes"
     assert {k: v for k, v in env.recorder.state.items() if k.startswith("cilium/state/")} == before
+    # and every key is on the new apiserver's leases: none is left to vanish with the old one's
+    listing = await env.backend.list_prefix("cilium/state/")
+    assert listing.entries and all(apiserver.leases.owns(entry.lease) for entry in listing.entries), [
+        (entry.key, entry.lease) for entry in listing.entries
+    ]
 
 
 async def test_restart_after_deletes_while_down_removes_exactly_those(env: Bench) -> None:
