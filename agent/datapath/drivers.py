@@ -82,6 +82,7 @@ class WireguardDriver:
         self.mtu = wireguard_mtu()
         self.process: asyncio.subprocess.Process | None = None
         self.socket = Path(f"/var/run/wireguard/{interface}.sock")
+        self._configured: int | None = None  # the interface index our key and port were set on
 
     async def _run(self, *args: str, check: bool = True) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -114,8 +115,11 @@ class WireguardDriver:
             else:
                 raise DatapathError(f"wireguard-go did not create {self.interface}")
             log.info("wireguard-go started for %s (pid %s)", self.interface, self.process.pid)
-        await self._run("wg", "set", self.interface, "private-key", str(self.private_key),
-                        "listen-port", str(self.port))  # fmt: skip
+        if index != self._configured:
+            # once per interface: wireguard-go re-binds its UDP socket on every `listen-port`, even the same one
+            await self._run("wg", "set", self.interface, "private-key", str(self.private_key),
+                            "listen-port", str(self.port))  # fmt: skip
+            self._configured = index
         async with netlink() as nl:
             index = await nl.require(self.interface)
             await nl.ensure_address(index, f"{self.address}/32")

@@ -168,6 +168,7 @@ class IpsecDriver:
                 break
             await asyncio.sleep(0.05)  # charon writes its PID file and socket once its plugins are loaded
         tail = (self.run_dir / "charon.log").read_text(errors="replace").splitlines()[-5:]
+        await stop_helper(self.process)  # hung, not dead: the next round starts a fresh one, not a second one
         raise DatapathError("ipsec: charon did not start: " + (" | ".join(tail) or "no output"))
 
     def _connect(self) -> socket.socket:

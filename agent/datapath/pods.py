@@ -83,7 +83,7 @@ class PodNetwork:
             )
             links = json.loads(await ip_in_netns(netns_path, f"link show dev {interface}"))
             mac = str(links[0].get("address", "")) if links else ""
-        except DatapathError:
+        except Exception:  # DatapathError, or an OSError opening a vanished netns: nothing half-made stays
             await self.delete(container_id)
             raise
         log.info("pod %s: %s on %s", container_id[:12], ip, host_name)
