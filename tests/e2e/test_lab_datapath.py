@@ -278,6 +278,12 @@ def test_remote_etcd_killed_keeps_routes_to_its_pods() -> None:
         assert not still["ready"], f"c2 should still be not ready (its etcd is dead): {still}"
         result = lab.ping("c1/pod-1-1", lab.pod_ip(c2_pod), "-c", "2")
         assert result.returncode == 0, f"c1's pod no longer reaches c2's after c2's etcd died: {describe(result)}"
+        # c2's node removed while its etcd is dead: gone from the host and from the lab's state, with a warning
+        removed = clustermesh("lab", "node", "remove", lab.name, c2_node.name)
+        assert removed.returncode == 0, describe(removed)
+        assert "still published" in removed.stdout + removed.stderr, describe(removed)
+        assert c2_node.name not in lab.status()["nodes"]
+        assert c2_node.netns not in lab.namespaces()
 
 
 # --- 6. CLI errors that need a running lab
