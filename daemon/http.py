@@ -122,15 +122,19 @@ class HttpEndpoint:
 
     @staticmethod
     async def _read(reader: asyncio.StreamReader) -> Request | None:
-        parts = (await reader.readline()).decode("latin-1").split()
-        length = 0
-        while line := (await reader.readline()).strip():
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip() or 0)
-        if len(parts) < 2 or length > MAX_BODY:
+        """The request; None for one that is not HTTP as we speak it (answered 400, the server goes on)."""
+        try:
+            parts = (await reader.readline()).decode("latin-1").split()
+            length = 0
+            while line := (await reader.readline()).strip():
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip() or 0)
+            if len(parts) < 2 or not 0 <= length <= MAX_BODY:
+                return None
+            body = await reader.readexactly(length) if length else b""
+        except (ValueError, asyncio.IncompleteReadError):  # a bad length, a line over the limit, a short body
             return None
-        body = await reader.readexactly(length) if length else b""
         url = urlsplit(parts[1])
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         return Request(parts[0].upper(), url.path, query, body)

@@ -1,7 +1,8 @@
 """Informer: a local cache of one kind, kept in step with a ResourceStore by list-then-watch.
 
 Like client-go's informers: list, tell the handler about every object, mark `synced`, then watch from the list's
-resourceVersion. `Gone` (410: the version is too old) and `Unavailable` (the connection broke) both end in a new
+resourceVersion. `Gone` (410: the version is too old) and every other store error (the connection broke, a refusal
+while RBAC is set up, a kind whose CRD is not installed yet: kept in `last_error`, retried with backoff) end in a new
 list, compared with the cache, so the handler hears exactly the difference: upserts for new or changed objects,
 deletes for objects that vanished meanwhile. Nothing is deleted before a list is complete.
 
@@ -15,7 +16,7 @@ import logging
 from typing import Protocol
 
 from clustermesh.model.kinds import Kind, Object
-from resources.store import Gone, ResourceStore, Unavailable
+from resources.store import Gone, ResourceError, ResourceStore
 
 __all__ = ["Handler", "Informer", "object_ref"]
 
@@ -60,7 +61,7 @@ class Informer:
             except Gone as exc:
                 log.info("informer %s: %s; listing again", self.kind.plural, exc)
                 continue
-            except Unavailable as exc:
+            except ResourceError as exc:  # unreachable, refused (RBAC), no CRD yet: said in /readyz, and retried
                 self.last_error = str(exc)
                 log.warning("informer %s: %s; retrying in %.1f s", self.kind.plural, exc, backoff)
             await asyncio.sleep(backoff)
