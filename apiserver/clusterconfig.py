@@ -70,8 +70,10 @@ class ClusterConfigEnforcer:
                 if watcher.done():
                     watcher.result()
                 backoff = 0.2
-            except (errors.BackendUnavailable, errors.LeaseLost, errors.RevisionCompacted) as exc:
+            except errors.KVStoreError as exc:
                 log.warning("cluster-config enforcement interrupted: %s", exc)
+                if isinstance(exc, errors.LeaseLost) and self.leases is not None:
+                    await self.leases.recheck()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

@@ -45,8 +45,10 @@ class HeartbeatWriter:
             try:
                 await self.beat()
                 delay = self.interval
-            except (errors.BackendUnavailable, errors.LeaseLost) as exc:
+            except errors.KVStoreError as exc:  # retried, whatever it is: readers call a silent cluster stale
                 log.warning("heartbeat not written: %s", exc)
+                if isinstance(exc, errors.LeaseLost) and self.leases is not None:
+                    await self.leases.recheck()
                 delay = min(self.interval, 2.0)
             await asyncio.sleep(delay)
 

@@ -107,6 +107,15 @@ class LeaseManager:
             except errors.LeaseLost:
                 self.lease_lost(lease)
 
+    async def recheck(self) -> None:
+        """A write was refused for a lease etcd no longer knows, and etcd does not say which: ask about each now, so
+        the lost ones are replaced at once, not at the next keep-alive round (minutes away). Never raises: a writer
+        calls it on its way to a retry."""
+        try:
+            await self.keep_alive_once()
+        except errors.KVStoreError as exc:
+            log.info("cannot check the leases yet: %s", exc)
+
     async def run(self) -> None:
         """Keep all leases alive every ttl/3 seconds until cancelled; outages are retried sooner."""
         interval = max(1.0, self.ttl / 3)

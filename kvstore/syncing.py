@@ -161,18 +161,10 @@ class SyncStore:
                 if self.metrics is not None:
                     self.metrics.errors.labels(self.name, exc.reason).inc()
                 if isinstance(exc, errors.LeaseLost) and self.leases is not None:
-                    # etcd does not say which lease it misses: ask about each, so the lost ones are replaced.
-                    await self._check_leases()
+                    await self.leases.recheck()
                 self._wake.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-
-    async def _check_leases(self) -> None:
-        assert self.leases is not None
-        try:
-            await self.leases.keep_alive_once()
-        except errors.BackendUnavailable as exc:
-            log.info("sync store %s: cannot check leases yet: %s", self.name, exc)
 
     async def _initial_list(self) -> None:
         backoff = 0.1
