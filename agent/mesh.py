@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class Mesh:
         self.kvmetrics = KVStoreMetrics(self.registry)
         self.remotes: dict[str, RemoteCluster] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._removals: dict[str, asyncio.Task[None]] = {}  # clusters whose config went, until they are drained
         self.changed = asyncio.Event()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self.config_watch = (
@@ -91,9 +93,22 @@ class Mesh:
 
     def _start(self, remote: RemoteCluster) -> None:
         self.remotes[remote.name] = remote
-        self._tasks[remote.name] = asyncio.create_task(remote.run(), name=f"cluster-{remote.name}")
+        removing = self._removals.get(remote.name)  # the same name, removed a moment ago: its drain goes first
+        self._tasks[remote.name] = asyncio.create_task(self._run(remote, after=removing), name=f"cluster-{remote.name}")
         self._watchers[remote.name] = asyncio.create_task(self._relay(remote), name=f"status-{remote.name}")
         self._touch()
+
+    @staticmethod
+    async def _run(remote: RemoteCluster, *, replacing: asyncio.Task[None] | None = None,
+                   after: asyncio.Task[None] | None = None) -> None:  # fmt: skip
+        """`remote`'s sessions, once the task it replaces has ended (two sessions of one cluster would share its
+        stores, and the old one's clean-up would mark the new one disconnected) and a removal of its name is done
+        (its drain would take the new entries with it)."""
+        if replacing is not None:
+            await cancel_and_wait([replacing])
+        if after is not None:
+            await asyncio.wait([after])
+        await remote.run()
 
     async def _relay(self, remote: RemoteCluster) -> None:
         """Turn one cluster's status changes into the mesh's."""
@@ -115,8 +130,9 @@ class Mesh:
                 self._start(self._make(event.name, event.path))
                 return
             log.info("cluster %s: configuration changed, reconnecting", event.name)
-            self._tasks[event.name].cancel()
-            self._tasks[event.name] = asyncio.create_task(remote.run(), name=f"cluster-{event.name}")
+            self._tasks[event.name] = asyncio.create_task(
+                self._run(remote, replacing=self._tasks[event.name]), name=f"cluster-{event.name}"
+            )
         else:
             remote = self.remotes.pop(event.name, None)
             if remote is None:
@@ -126,8 +142,14 @@ class Mesh:
             watcher = self._watchers.pop(event.name, None)
             if watcher is not None:
                 watcher.cancel()
-            asyncio.create_task(remote.remove(task), name=f"remove-{event.name}")  # noqa: RUF006
+            removal = asyncio.create_task(remote.remove(task), name=f"remove-{event.name}")
+            self._removals[event.name] = removal
+            removal.add_done_callback(functools.partial(self._forget_removal, event.name))
             self._touch()
+
+    def _forget_removal(self, name: str, removal: asyncio.Task[None]) -> None:
+        if self._removals.get(name) is removal:
+            del self._removals[name]
 
     async def run(self) -> None:
         self._start(self._make(self.local.name, None, is_local=True))
@@ -141,7 +163,7 @@ class Mesh:
             await self.stop()
 
     async def stop(self) -> None:
-        tasks = [*self._tasks.values(), *self._watchers.values()]
+        tasks = [*self._tasks.values(), *self._watchers.values(), *self._removals.values()]
         await cancel_and_wait(tasks)
         self._tasks.clear()
         self._watchers.clear()

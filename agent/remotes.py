@@ -21,7 +21,6 @@ config was refused.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -394,9 +393,7 @@ class RemoteCluster:
     async def remove(self, task: asyncio.Task[None] | None) -> None:
         """The cluster left the configuration: stop, drain everything, release its ID."""
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         self._cancel_drain()
         self.drain()
         self.registry.release(self.name)

@@ -391,10 +391,18 @@ async def test_config_files_added_changed_and_removed_at_run_time(mesh: dict[str
         (config_dir / "c3").write_text((config_dir / "c3").read_text() + "\n# rotated\n")
         await agent.wait_status(lambda s: agent.cluster("c3").reconnections >= 1 and s.ready)
         assert agent.recorder.deletes() == []
+        assert agent.cluster("c3").connected, "the old session's end must not mark the new one disconnected"
         (config_dir / "c2").unlink()
         await agent.recorder.wait_for(lambda v: "c2/c2-n1" not in v.nodes)
         status = await agent.wait_status(lambda s: len(s.clusters) == 2)
         assert [c.name for c in status.clusters] == ["c1", "c3"] and status.ready
+        # removed and at once added again: the new session's entries stay (the old drain ran before it started)
+        (config_dir / "c3").unlink()
+        await agent.wait_status(lambda s: len(s.clusters) == 1)
+        mesh["c3"].write_remote_config(config_dir, "c1")
+        await agent.wait_status(lambda s: s.ready and len(s.clusters) == 2)
+        await agent.recorder.wait_for(lambda v: "c3/c3-n1" in v.nodes)
+        assert agent.cluster("c3").connected and agent.cluster("c3").counts["nodes"] == 1
     finally:
         await agent.stop()
 
