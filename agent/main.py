@@ -38,6 +38,7 @@ from agent.identities import IdentityAllocator, IdentityCollector
 from agent.mesh import Mesh
 from agent.publishing import NodeSpec, run_node_publisher
 from agent.rendering import RemoteRenderer
+from agent.view import MergedView
 from agent.wgkeys import load_or_create
 from clustermesh.model import converters
 from clustermesh.model.clusters import ClusterInfo
@@ -90,23 +91,22 @@ class AgentSettings:
 class LocalServices:
     """The local cluster's global Services, for the view: their affinity annotation and frontends."""
 
-    def __init__(self, mesh: Mesh) -> None:
-        self.mesh = mesh
+    def __init__(self, view: MergedView) -> None:
+        self.view = view
 
     def on_upsert(self, kind: Kind, obj: Object) -> None:
         metadata = obj.get("metadata") or {}
         namespace, name = str(metadata.get("namespace", "default")), str(metadata.get("name", ""))
         if not converters.is_global_service(obj):
-            self.mesh.view.clear_local_service(namespace, name)
+            self.view.clear_local_service(namespace, name)
             return
-        affinity = str((metadata.get("annotations") or {}).get("service.cilium.io/affinity", "")).lower()
-        self.mesh.view.set_local_service(
-            namespace, name, affinity=affinity, frontends=converters.service_frontends(obj)
+        self.view.set_local_service(
+            namespace, name, affinity=converters.service_affinity(obj), frontends=converters.service_frontends(obj)
         )
 
     def on_delete(self, kind: Kind, obj: Object) -> None:
         metadata = obj.get("metadata") or {}
-        self.mesh.view.clear_local_service(str(metadata.get("namespace", "default")), str(metadata.get("name", "")))
+        self.view.clear_local_service(str(metadata.get("namespace", "default")), str(metadata.get("name", "")))
 
 
 class Agent:
@@ -197,7 +197,7 @@ class Agent:
                 run_node_publisher(store, self.node_spec()),
                 self.allocator.run(),
                 collector.run(),
-                Informer(store, kind_by_name("Service"), LocalServices(self.mesh)).run(),
+                Informer(store, kind_by_name("Service"), LocalServices(self.mesh.view)).run(),
             ]
             if self.settings.config_dir is not None:
                 jobs.append(self._render_remotes(store, self.settings.config_dir))

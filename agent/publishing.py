@@ -11,6 +11,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 
+from clustermesh.model.converters import WIREGUARD_KEY_ANNOTATION
 from clustermesh.model.kinds import Object, kind_by_name
 from resources.store import AlreadyExists, Conflict, NotFound, ResourceError, ResourceStore
 
@@ -19,7 +20,6 @@ __all__ = ["NodeSpec", "publish_node", "run_node_publisher"]
 log = logging.getLogger(__name__)
 
 CILIUM_NODE = kind_by_name("CiliumNode")
-WIREGUARD_ANNOTATION = "network.cilium.io/wg-pub-key"
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class NodeSpec:
             "labels": {"kubernetes.io/hostname": self.name, **self.labels},
         }
         if self.wireguard_public_key:
-            metadata["annotations"] = {WIREGUARD_ANNOTATION: self.wireguard_public_key}
+            metadata["annotations"] = {WIREGUARD_KEY_ANNOTATION: self.wireguard_public_key}
         spec: dict[str, object] = {"addresses": addresses, "ipam": {"podCIDRs": list(self.pod_cidrs)}}
         if self.health_ipv4:
             spec["health"] = {"ipv4": self.health_ipv4}

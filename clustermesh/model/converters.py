@@ -24,6 +24,7 @@ __all__ = [
     "GLOBAL_NAMESPACE_ANNOTATION",
     "GLOBAL_SERVICE_ANNOTATION",
     "SHARED_SERVICE_ANNOTATION",
+    "WIREGUARD_KEY_ANNOTATION",
     "cilium_endpoint_to_ip_pairs",
     "cilium_identity_to_labels",
     "cilium_node_to_node",
@@ -32,6 +33,7 @@ __all__ = [
     "is_global_namespace",
     "is_global_service",
     "is_shared_service",
+    "service_affinity",
     "service_frontends",
     "service_to_cluster_service",
 ]
@@ -42,6 +44,8 @@ GLOBAL_SERVICE_ALIAS = "io.cilium/global-service"
 SHARED_SERVICE_ANNOTATION = "service.cilium.io/shared"
 SHARED_SERVICE_ALIAS = "io.cilium/shared-service"
 WIREGUARD_KEY_ANNOTATION = "network.cilium.io/wg-pub-key"
+AFFINITY_ANNOTATION = "service.cilium.io/affinity"
+AFFINITY_ALIAS = "io.cilium/service-affinity"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 MESH_CONTROLLER = "endpointslice-mesh-controller.cilium.io"
@@ -182,6 +186,11 @@ def is_global_namespace(namespace: Object | None) -> bool:
 def is_global_service(service: Object) -> bool:
     value = _annotation(service, GLOBAL_SERVICE_ANNOTATION, GLOBAL_SERVICE_ALIAS)
     return value is not None and value.lower() == "true"
+
+
+def service_affinity(service: Object) -> str:
+    """`local`, `remote`, or "" (none: every cluster's backends), from the local Service's annotation."""
+    return (_annotation(service, AFFINITY_ANNOTATION, AFFINITY_ALIAS) or "").lower()
 
 
 def is_shared_service(service: Object) -> bool:

@@ -7,6 +7,7 @@ changes, never on timers.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,9 +15,14 @@ from pathlib import Path
 import pytest
 
 import certs
+from agent.main import LocalServices
 from agent.view import MergedView
+from clustermesh.model.kinds import kind_by_name
+from daemon.tasks import cancel_and_wait
 from kvstore import errors, etcd
 from kvstore.backend import PutOp
+from resources.informing import Informer
+from resources.standalone import StandaloneStore
 from tests.integration.mesh_env import (
     Agent,
     MeshCluster,
@@ -30,6 +36,8 @@ from tests.integration.mesh_env import (
 )
 
 NAMES = ["c1", "c2", "c3"]
+
+SERVICE = kind_by_name("Service")
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +134,11 @@ async def test_affinity_local_prefers_local_backends(mesh: dict[str, MeshCluster
     await mesh["c1"].apply(service(["10.1.1.10"], affinity="local"))
     await mesh["c2"].apply(service(["10.2.1.10"]))
     agent = await connected(mesh, tmp_path)
+    # the agent's informer of its cluster's Services: their affinity annotation reaches the view through it
+    local = await etcd.connect(mesh["c1"].config("agent-c1"))
+    services = asyncio.create_task(Informer(StandaloneStore(local), SERVICE, LocalServices(agent.mesh.view)).run())
     try:
         view = agent.mesh.view
-        agent.mesh.view.set_local_service("shop", "echo", affinity="local", frontends=None)
         # c1's apiserver may export the service before its EndpointSlice: wait for both clusters' backends, then
         # for the local one alone to be chosen (it never is when affinity is ignored: this times out then)
         await agent.recorder.wait_for(
@@ -141,12 +151,13 @@ async def test_affinity_local_prefers_local_backends(mesh: dict[str, MeshCluster
         assert len(view.services["shop/echo"].backends) == 1
         await mesh["c1"].delete(service(["10.1.1.10"], affinity="local").split("---")[1])  # the local slice goes
         await agent.recorder.wait_for(lambda v: [b.cluster for b in v.services["shop/echo"].backends] == ["c2"])
-        await mesh["c1"].apply(service(["10.1.1.10"], affinity="remote"))
-        agent.mesh.view.set_local_service("shop", "echo", affinity="", frontends=None)
+        await mesh["c1"].apply(service(["10.1.1.10"]))  # the slice back, and no affinity: every cluster's backends
         await agent.recorder.wait_for(lambda v: [b.cluster for b in v.services["shop/echo"].backends] == ["c1", "c2"])
-        agent.mesh.view.set_local_service("shop", "echo", affinity="remote", frontends=None)
-        assert [b.cluster for b in view.services["shop/echo"].backends] == ["c2"]
+        await mesh["c1"].apply(service(["10.1.1.10"], affinity="remote"))
+        await agent.recorder.wait_for(lambda v: [b.cluster for b in v.services["shop/echo"].backends] == ["c2"])
     finally:
+        await cancel_and_wait([services])
+        await local.close()
         await agent.stop()
 
 

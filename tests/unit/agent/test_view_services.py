@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from agent.main import LocalServices
 from agent.view import MergedView
 from clustermesh.model import wire
+from clustermesh.model.kinds import kind_by_name
+
+SERVICE = kind_by_name("Service")
 
 PORTS: wire.PortConfiguration = {"http": wire.L4Addr("TCP", 80)}
 
@@ -57,3 +61,39 @@ def test_a_service_nobody_exports_or_configures_is_forgotten() -> None:
     view.upsert("c2", "service", "k2", export("c2", "10.2.1.10"))
     assert view.services["shop/echo"].affinity == "none"  # the old affinity is not resurrected
     assert len(backends(view)) == 2
+
+
+def local_service(annotations: dict[str, str]) -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "echo", "namespace": "shop", "annotations": annotations},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+    }
+
+
+def test_the_local_services_affinity_annotation_reaches_the_view() -> None:
+    """What the agent's informer of local Services does: the annotation, not a test, sets the affinity."""
+    view = MergedView("c1")
+    services = LocalServices(view)
+    view.upsert("c1", "service", "k1", export("c1", "10.1.1.10"))
+    view.upsert("c2", "service", "k2", export("c2", "10.2.1.10"))
+    service = SERVICE
+    services.on_upsert(
+        service, local_service({"service.cilium.io/global": "true", "service.cilium.io/affinity": "Local"})
+    )
+    assert backends(view) == [("c1", "10.1.1.10")]
+    services.on_upsert(
+        service, local_service({"service.cilium.io/global": "true", "io.cilium/service-affinity": "remote"})
+    )
+    assert backends(view) == [("c2", "10.2.1.10")]
+    services.on_upsert(
+        service, local_service({"service.cilium.io/global": "false", "service.cilium.io/affinity": "local"})
+    )
+    assert backends(view) == [("c1", "10.1.1.10"), ("c2", "10.2.1.10")], "not global: no affinity of its own"
+    services.on_upsert(
+        service, local_service({"service.cilium.io/global": "true", "service.cilium.io/affinity": "local"})
+    )
+    services.on_delete(service, local_service({}))
+    assert backends(view) == [("c1", "10.1.1.10"), ("c2", "10.2.1.10")]
+    assert view.services["shop/echo"].affinity == "none"
