@@ -45,12 +45,12 @@ from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Kind, Object, kind_by_name
 from daemon.http import HttpEndpoint, metrics_route, parse_address
+from daemon.tasks import cancel_and_wait, run_together
 from kvstore import errors, etcd
-from kvstore.backend import Backend
 from kvstore.config import EtcdConfig
 from kvstore.reconnecting import connect_until_up
 from resources.informing import Informer
-from resources.standalone import StandaloneStore
+from resources.opening import open_resource_store
 from resources.store import ResourceStore
 
 __all__ = ["Agent", "AgentSettings", "main"]
@@ -171,14 +171,6 @@ class Agent:
             boot_id=self.settings.boot_id,
         )
 
-    def _store(self, backend: Backend) -> ResourceStore:
-        if self.settings.source == "standalone":
-            return StandaloneStore(backend)
-        from resources.kubernetes import KubernetesStore
-
-        store: ResourceStore = KubernetesStore.from_kubeconfig(self.settings.kubeconfig, self.settings.kube_context)
-        return store
-
     async def _local_jobs(self) -> None:
         """Everything that needs the local ResourceStore, once its etcd answers."""
         config = self.settings.etcd
@@ -187,8 +179,11 @@ class Agent:
             log.warning("cannot connect to the local etcd at %s: %s", config.describe(), exc)
 
         backend = await connect_until_up(lambda: etcd.connect(config), on_failure=failed)
+        store: ResourceStore | None = None
         try:
-            self.store = store = self._store(backend)
+            self.store = store = open_resource_store(
+                self.settings.source, backend, self.settings.kubeconfig, self.settings.kube_context
+            )
             self.allocator = IdentityAllocator(store, self.settings.cluster)
             collector = IdentityCollector(store, self.settings.cluster, grace_period=self.settings.identity_gc_grace)
             node_ip = self.settings.node_ips[0] if self.settings.node_ips else ""
@@ -201,8 +196,10 @@ class Agent:
             ]
             if self.settings.config_dir is not None:
                 jobs.append(self._render_remotes(store, self.settings.config_dir))
-            await asyncio.gather(*jobs)
+            await run_together(jobs)
         finally:
+            if store is not None:
+                await store.close()
             await backend.close()
 
     async def _render_remotes(self, store: ResourceStore, directory: Path) -> None:
@@ -216,8 +213,7 @@ class Agent:
                 log.info("removed the rendered config of peers gone while we were down: %s", ", ".join(pruned))
             await task
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
 
     async def run(self) -> None:
         servers: list[HttpEndpoint] = []
@@ -245,7 +241,7 @@ class Agent:
         if self.router is not None:
             jobs.append(self.router.run())
         try:
-            await asyncio.gather(*jobs)
+            await run_together(jobs)
         finally:
             for server in servers:
                 await server.stop()

@@ -30,7 +30,7 @@ from kvstore.backend import Backend
 from kvstore.config import EtcdConfig
 from kvstore.leases import DEFAULT_TTL
 from kvstore.reconnecting import connect_until_up
-from resources.standalone import StandaloneStore
+from resources.opening import open_resource_store
 from resources.store import ResourceStore
 
 __all__ = ["main"]
@@ -49,15 +49,6 @@ class Phase:
         if self.apiserver is not None:
             return self.apiserver.readyz()
         return readyz_answer([self.reason])
-
-
-def make_resource_store(source: str, backend: Backend, kubeconfig: str | None, context: str | None) -> ResourceStore:
-    if source == "standalone":
-        return StandaloneStore(backend)
-    from resources.kubernetes import KubernetesStore
-
-    store: ResourceStore = KubernetesStore.from_kubeconfig(kubeconfig, context)
-    return store
 
 
 async def run(options: dict[str, Any]) -> None:
@@ -92,7 +83,7 @@ async def run(options: dict[str, Any]) -> None:
 
         backend = await connect_until_up(lambda: etcd.connect(config), on_failure=failed)
         log.info("connected to etcd at %s", options["etcd"].describe())
-        resources = make_resource_store(options["source"], backend, options["kubeconfig"], options["kube_context"])
+        resources = open_resource_store(options["source"], backend, options["kubeconfig"], options["kube_context"])
         apiserver = Apiserver(
             ApiserverConfig(cluster, lease_ttl=options["lease_ttl"]), backend, resources, registry=registry
         )

@@ -29,7 +29,7 @@ from clustermesh.model import keys
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.kinds import kind_by_name
 from daemon.http import Response
-from daemon.tasks import cancel_and_wait
+from daemon.tasks import run_together
 from kvstore.backend import Backend
 from kvstore.heartbeat import HeartbeatWriter
 from kvstore.leases import DEFAULT_TTL, LeaseManager
@@ -146,16 +146,7 @@ class Apiserver:
             *(s.run for s in self.stores.all()),
             *(i.run for i in self.informers.values()),
         ]
-        tasks = [asyncio.create_task(job(), name=getattr(job, "__qualname__", "job")) for job in jobs]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if (exc := task.exception()) is not None:
-                    log.error("apiserver of %s stops: %s failed: %s", self.config.cluster.name, task.get_name(), exc)
-                    raise exc
-            await asyncio.gather(*tasks)
-        finally:
-            await cancel_and_wait(tasks)
+        await run_together([job() for job in jobs])
 
     # --- HTTP
 

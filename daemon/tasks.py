@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
-__all__ = ["cancel_and_wait"]
+__all__ = ["cancel_and_wait", "run_together"]
 
 log = logging.getLogger(__name__)
 
@@ -28,3 +28,17 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, patience: flo
         _, pending = await asyncio.wait(pending, timeout=patience)
     if pending:
         log.error("tasks would not stop: %s", ", ".join(getattr(t, "get_name", lambda: "?")() for t in pending))
+
+
+async def run_together(jobs: list[Coroutine[Any, Any, None]]) -> None:
+    """Run jobs that live as long as each other: the first to fail (or a cancellation) stops the rest, which are
+    waited for, and its error is raised (alone, not in a group: a caller logs and exits on it)."""
+    tasks = [asyncio.create_task(job, name=getattr(job, "__qualname__", None)) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if (exc := task.exception()) is not None:
+                log.error("%s failed, stopping the rest: %s", task.get_name(), exc)
+                raise exc
+    finally:
+        await cancel_and_wait(tasks)

@@ -48,15 +48,14 @@ async def run_reconnecting(
     on_failure: Callable[[errors.KVStoreError], None] | None = None,
 ) -> None:  # pragma: no cover - glue around tested steps
     backoff = backoff or Backoff()
+
+    def cannot_connect(exc: errors.KVStoreError) -> None:
+        log.warning("%s: cannot connect: %s", name, exc)
+        if on_failure is not None:
+            on_failure(exc)
+
     while True:
-        try:
-            backend = await connect()
-        except errors.KVStoreError as exc:
-            log.warning("%s: cannot connect: %s", name, exc)
-            if on_failure is not None:
-                on_failure(exc)
-            await asyncio.sleep(backoff.next())
-            continue
+        backend = await connect_until_up(connect, on_failure=cannot_connect, backoff=backoff)
         try:
             if on_connected is not None:
                 on_connected()
