@@ -10,7 +10,6 @@ with the reason and skipped.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
@@ -36,7 +35,6 @@ class ConfigEvent:
 class ConfigDir:
     path: Path
     on_event: Callable[[ConfigEvent], None]
-    interval: float = 1.0
     ignore: set[str] = field(default_factory=set)  # e.g. the local cluster's name
     _seen: dict[str, str] = field(default_factory=dict)  # name -> content digest
     problems: dict[str, str] = field(default_factory=dict)  # file name -> why it is not used
@@ -84,8 +82,3 @@ class ConfigDir:
             log.info("clustermesh config: %s %s", event.name, event.action)
             self.on_event(event)
         return events
-
-    async def run(self) -> None:
-        while True:
-            self.scan()
-            await asyncio.sleep(self.interval)

@@ -145,10 +145,6 @@ class IdentityIndex:
             return None
         return min(numbers, key=lambda number: (self._by_id[number][1], number))
 
-    def labels_of(self, number: int) -> str | None:
-        entry = self._by_id.get(number)
-        return entry[0] if entry is not None else None
-
     def __contains__(self, number: object) -> bool:
         return number in self._by_id
 
@@ -159,8 +155,7 @@ class IdentityIndex:
 class IdentityAllocator:
     """Allocates identities for label sets of one cluster, in its ResourceStore; an informer Handler of identities.
 
-    `run()` keeps `index` in step with the store (or wire the allocator to an Informer of your own and call
-    `mark_synced()`); the index answers for label sets already known, without a round trip.
+    `run()` keeps `index` in step with the store; the index answers for label sets already known, without a round trip.
     """
 
     def __init__(
@@ -198,10 +193,6 @@ class IdentityAllocator:
     def synced(self) -> asyncio.Event:
         """Set once the index holds every identity the store had at start."""
         return self.informer.synced
-
-    def mark_synced(self) -> None:
-        """For an agent that feeds the allocator from an Informer of its own: that informer has synced."""
-        self.informer.synced.set()
 
     async def run(self) -> None:
         """Keep the index in step with the store, until cancelled."""

@@ -70,7 +70,7 @@ class Mesh:
         self.changed = asyncio.Event()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self.config_watch = (
-            ConfigDir(self.config_dir, self.on_config_event, self.scan_interval, ignore={self.local.name})
+            ConfigDir(self.config_dir, self.on_config_event, ignore={self.local.name})
             if self.config_dir is not None
             else None
         )

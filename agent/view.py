@@ -144,9 +144,6 @@ class MergedView:
     def ipcache(self, ip_key: str) -> wire.IPIdentityPair | None:
         return self._ip_entries.get(ip_key)
 
-    def ipcache_cluster(self, ip_key: str) -> str | None:
-        return self._ip_owner.get(ip_key)
-
     def ipcache_keys(self) -> list[str]:
         return list(self._ip_entries)
 

@@ -10,7 +10,6 @@ sleep. A process that exits during start-up raises with the tail of its log.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -203,13 +202,3 @@ class EtcdProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

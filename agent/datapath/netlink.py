@@ -93,13 +93,6 @@ class Netlink:
     async def links(self) -> dict[str, int]:
         return {link.get_attr("IFLA_IFNAME"): link["index"] async for link in await self.ipr.get_links()}
 
-    async def ensure_link(self, name: str, kind: str, **attributes: Any) -> int:
-        index = await self.index(name)
-        if index is None:
-            await self._call(f"create {kind} {name}", self.ipr.link("add", ifname=name, kind=kind, **attributes))
-            index = await self.require(name)
-        return index
-
     async def delete_link(self, name: str) -> bool:
         index = await self.index(name)
         if index is None:
@@ -123,9 +116,6 @@ class Netlink:
                 f"add {cidr}",
                 self.ipr.addr("add", index=index, address=str(interface.ip), prefixlen=interface.network.prefixlen),
             )
-
-    async def addresses(self, index: int) -> list[str]:
-        return [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" async for a in await self.ipr.get_addr(index=index)]
 
     async def route(self, dst: str, *, via: str | None = None, oif: int | None = None, onlink: bool = False,
                     scope: int | None = None, proto: int = RTPROT_CLUSTERMESH) -> None:  # fmt: skip

@@ -15,9 +15,9 @@ from pathlib import Path
 
 __all__ = [
     "NETNS_DIR",
+    "alive",
     "CommandFailed",
     "enter",
-    "exists",
     "ip",
     "list_netns",
     "path",
@@ -47,10 +47,6 @@ def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
 
 def path(name: str) -> Path:
     return NETNS_DIR / name
-
-
-def exists(name: str) -> bool:
-    return path(name).exists()
 
 
 def list_netns(prefix: str) -> list[str]:
@@ -100,25 +96,23 @@ def processes_in(names: Iterable[str]) -> list[int]:
 
 def stop_processes(pids: Iterable[int], *, grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL for those still there after `grace` seconds; by PID, never by name."""
-    alive = set(pids)
-    for pid in alive:
+    running = set(pids)
+    for pid in running:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if _alive(pid)}
+    while running and time.monotonic() < deadline:
+        running = {pid for pid in running if alive(pid)}
         time.sleep(0.05)  # other processes' ends: nothing to wait on but their PIDs
-    for pid in alive:
+    for pid in running:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """A PID that runs (a zombie does not: it has ended, only its parent has not collected it). The state is the
+    field after the command's closing parenthesis: a command may hold spaces."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False

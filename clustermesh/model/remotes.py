@@ -32,12 +32,6 @@ class IdentityEntry:
     labels: tuple[Label, ...]
     text: str
 
-    def label(self, key: str) -> str | None:
-        for label in self.labels:
-            if label.key == key:
-                return label.value
-        return None
-
 
 @dataclass(frozen=True)
 class RemoteDecoders:

@@ -69,14 +69,6 @@ def wait_until(what: str, check: Callable[[], tuple[bool, object]], *, timeout: 
         time.sleep(every)
 
 
-def alive(pid: int) -> bool:
-    """A PID that runs (a zombie does not: it has ended, only its parent has not collected it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def stop(process: subprocess.Popen[Any], grace: float = 5) -> None:
     """SIGTERM, then SIGKILL, by PID; collected either way."""
     if process.poll() is None:

@@ -19,6 +19,7 @@ import pytest
 
 from agent.datapath.ipsec import connection_name
 from clustermesh.lab import netns
+from clustermesh.lab.netns import alive
 from tests.e2e.labtools import (
     PYTHON,
     UDP_ASK,
@@ -27,7 +28,6 @@ from tests.e2e.labtools import (
     Capture,
     LabHandle,
     Packet,
-    alive,
     clustermesh,
     describe,
     lab_owned,

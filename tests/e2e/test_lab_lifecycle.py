@@ -16,7 +16,8 @@ import pytest
 
 from clustermesh.lab import netns
 from clustermesh.lab.layout import STATE_ROOT
-from tests.e2e.labtools import LabHandle, alive, clustermesh, describe, host_interfaces, lab_owned, wait_until
+from clustermesh.lab.netns import alive
+from tests.e2e.labtools import LabHandle, clustermesh, describe, host_interfaces, lab_owned, wait_until
 
 FAILED_UP_LOGS = "/tmp/clustermesh-lab-{name}-logs"  # where a failed `lab up` copies the logs
 
