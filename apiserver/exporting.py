@@ -51,10 +51,13 @@ class Exporter:
     endpoints: dict[Ref, Object] = field(default_factory=dict)
     identities: dict[str, Object] = field(default_factory=dict)
     services: dict[Ref, Object] = field(default_factory=dict)
-    slices: dict[Ref, Object] = field(default_factory=dict)
+    #: EndpointSlices by the service they name ((namespace, service) -> slice ref -> slice): a service's export
+    #: looks at its own slices, not at every slice of the cluster.
+    slices: dict[Ref, dict[Ref, Object]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._endpoint_keys: dict[Ref, dict[str, bytes]] = {}
+        self._slice_service: dict[Ref, Ref] = {}  # slice ref -> the service it was filed under in `slices`
         self._ip_owners: dict[str, dict[Ref, bytes]] = defaultdict(dict)
         self.errors = Counter(
             "apiserver_conversion_errors",
@@ -162,20 +165,26 @@ class Exporter:
 
     def _on_endpointslices(self, obj: Object, deleted: bool) -> None:
         ref = object_ref(obj)
-        old = self.slices.pop(ref, None)
-        if not deleted:
-            self.slices[ref] = obj
-        for endpoint_slice in (old, None if deleted else obj):
-            service = _service_of(endpoint_slice)
-            if service is not None:
-                self._export_service((ref[0], service))
+        touched = []
+        if (old_service := self._slice_service.pop(ref, None)) is not None:
+            del self.slices[old_service][ref]
+            touched.append(old_service)
+        if not deleted and (name := _service_of(obj)) is not None:
+            service = (ref[0], name)
+            self.slices.setdefault(service, {})[ref] = obj
+            self._slice_service[ref] = service
+            touched.append(service)
+        for service in dict.fromkeys(touched):
+            self._export_service(service)
+            if not self.slices.get(service, True):
+                del self.slices[service]
 
     def _export_service(self, ref: Ref) -> None:
         namespace, name = ref
         service = self.services.get(ref)
         exported = None
         if service is not None and self.is_global(namespace):
-            slices = [s for s in self.slices.values() if converters.slice_belongs_to(s, namespace, name)]
+            slices = [s for s in self.slices.get(ref, {}).values() if converters.slice_belongs_to(s, namespace, name)]
             exported = converters.service_to_cluster_service(service, slices, self.cluster)
         if exported is None:
             self.stores.services.delete(f"{namespace}/{name}")
