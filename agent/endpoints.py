@@ -7,7 +7,6 @@ writes the CiliumEndpoint into the cluster's ResourceStore; the apiserver publis
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -15,7 +14,8 @@ from typing import Any, Protocol
 from clustermesh.model.addresses import ip_version
 from clustermesh.model.kinds import Object, kind_by_name
 from clustermesh.model.validation import DNS1123_LABEL, DNS1123_SUBDOMAIN
-from resources.store import AlreadyExists, Conflict, NotFound, ResourceStore
+from resources.store import NotFound, ResourceStore
+from resources.writing import create_or_update
 
 __all__ = ["EndpointManager", "EndpointRequest", "InvalidRequest"]
 
@@ -91,21 +91,8 @@ class EndpointManager:
     async def create(self, request: EndpointRequest) -> Object:
         """Create (or replace) the endpoint; its object, with the identity it got."""
         identity = await self.allocator.allocate(request.labels, request.namespace)
-        wanted = self._object(request, identity)
-        for _ in range(5):
-            current = await self.store.get(CILIUM_ENDPOINT, request.name, request.namespace)
-            if current is None:
-                try:
-                    return await self.store.create(wanted)
-                except AlreadyExists:
-                    continue
-            update = copy.deepcopy(wanted)
-            update["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            try:
-                return await self.store.update(update)
-            except (Conflict, NotFound):
-                continue
-        raise Conflict(f"CiliumEndpoint {request.namespace}/{request.name} kept changing")
+        _, stored = await create_or_update(self.store, self._object(request, identity))
+        return stored
 
     async def delete(self, namespace: str, name: str) -> bool:
         try:

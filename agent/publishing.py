@@ -7,13 +7,13 @@ written back. Addresses, pod CIDRs, health IP, WireGuard public key and boot ID 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from dataclasses import dataclass, field
 
 from clustermesh.model.converters import WIREGUARD_KEY_ANNOTATION
 from clustermesh.model.kinds import Object, kind_by_name
-from resources.store import AlreadyExists, Conflict, NotFound, ResourceError, ResourceStore
+from resources.store import ResourceError, ResourceStore
+from resources.writing import create_or_update
 
 __all__ = ["NodeSpec", "publish_node", "run_node_publisher"]
 
@@ -61,25 +61,8 @@ def _same(current: Object, wanted: Object) -> bool:
 
 async def publish_node(store: ResourceStore, spec: NodeSpec) -> str:
     """Create or update the node's CiliumNode; 'created', 'updated' or 'unchanged'."""
-    wanted = spec.object()
-    for _ in range(5):
-        current = await store.get(CILIUM_NODE, spec.name)
-        if current is None:
-            try:
-                await store.create(wanted)
-                return "created"
-            except AlreadyExists:
-                continue
-        if _same(current, wanted):
-            return "unchanged"
-        update = copy.deepcopy(wanted)
-        update["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        try:
-            await store.update(update)
-            return "updated"
-        except (Conflict, NotFound):
-            continue
-    raise Conflict(f"CiliumNode {spec.name} kept changing while being published")
+    written, _ = await create_or_update(store, spec.object(), same=_same)
+    return written
 
 
 async def run_node_publisher(store: ResourceStore, spec: NodeSpec, *, resync: float = 60.0) -> None:

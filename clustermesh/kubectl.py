@@ -20,7 +20,8 @@ import yaml
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Kind, Object, kind_by_name
 from clustermesh.model.validation import validate_object
-from resources.store import Conflict, Invalid, NotFound, ResourceError, ResourceStore
+from resources.store import Invalid, NotFound, ResourceError, ResourceStore
+from resources.writing import create_or_update
 
 __all__ = ["Outcome", "apply_objects", "delete_objects", "load_manifests"]
 
@@ -100,31 +101,13 @@ def _content(obj: Object) -> Object:
 
 
 async def _apply_one(store: ResourceStore, obj: Object, kind: Kind) -> str:
-    metadata = obj["metadata"]
-    namespace = metadata.get("namespace") if kind.namespaced else None
-    for _ in range(_CONFLICT_RETRIES):
-        current = await store.get(kind, metadata["name"], namespace)
-        if current is None:
-            wanted = copy.deepcopy(obj)
-            for field in _SERVER_FIELDS:
-                wanted["metadata"].pop(field, None)
-            try:
-                await store.create(wanted)
-                return "created"
-            except ResourceError as exc:
-                if exc.code != 409:
-                    raise
-                continue  # created meanwhile: update it instead
-        if _content(current) == _content(obj):
-            return "unchanged"
-        wanted = copy.deepcopy(obj)
-        wanted["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        try:
-            await store.update(wanted)
-            return "configured"
-        except (Conflict, NotFound):
-            continue
-    raise Conflict(f"{describe(obj)} kept changing while being applied; try again")
+    wanted = copy.deepcopy(obj)
+    for field in _SERVER_FIELDS:
+        wanted["metadata"].pop(field, None)
+    written, _ = await create_or_update(
+        store, wanted, same=lambda current, new: _content(current) == _content(new), attempts=_CONFLICT_RETRIES
+    )
+    return "configured" if written == "updated" else written
 
 
 async def apply_objects(store: ResourceStore, documents: list[tuple[Any, str]]) -> list[Outcome]:
