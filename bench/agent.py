@@ -43,6 +43,7 @@ from agent.mesh import Mesh
 from clustermesh.model import keys, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.converters import cluster_config
+from daemon.tasks import wait_while_running
 from kvstore import etcd, users
 from kvstore.backend import PutOp
 from kvstore.config import EtcdConfig
@@ -163,7 +164,7 @@ async def agent_sync(local: Cluster, config_dir: Path, count: int, *, trace: boo
     counter = asyncio.create_task(count_changes())
     task = asyncio.create_task(mesh.run())
     try:
-        await done.wait()
+        await wait_while_running(done.wait(), task, timeout=600, what=f"the agent's sync of {count} endpoints")
         elapsed = time.perf_counter() - started
         per_entry = None
         if trace:
@@ -206,6 +207,12 @@ asyncio.run(main())
 """
 
 
+async def mesh_ready(mesh: Mesh) -> None:
+    while not (mesh.status().ready and len(mesh.remotes) == 2):
+        mesh.changed.clear()
+        await mesh.changed.wait()
+
+
 async def propagation(local: Cluster, remote: Cluster, config_dir: Path, seconds: float) -> list[float]:
     mesh = Mesh(LOCAL, local.config(f"agent-{LOCAL.name}"), config_dir, scan_interval=0.05, heartbeat_max_age=3600)
     subscription = mesh.view.subscribe()
@@ -213,19 +220,22 @@ async def propagation(local: Cluster, remote: Cluster, config_dir: Path, seconds
     total = int(200 * seconds)
     task = asyncio.create_task(mesh.run())
     try:
-        while not (mesh.status().ready and len(mesh.remotes) == 2):
-            mesh.changed.clear()
-            await mesh.changed.wait()
+        await wait_while_running(mesh_ready(mesh), task, timeout=120, what="the agent's mesh getting ready")
         root = remote.config()
         code = WRITER.format(root=str(ROOT), url=root.endpoints[0],
                              ca=str(root.ca_file), cert=str(root.cert_file), key=str(root.key_file), rate=200,
                              total=total, identity=IDENTITY)  # fmt: skip
         writer = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
-        while len(delays) < total:
-            change = await subscription.get()
-            if change.kind == "ipcache" and change.op == "upsert" and change.value.Metadata:
-                delays.append(time.time() - float(change.value.Metadata))
-        await writer.wait()
+
+        async def collect() -> None:
+            while len(delays) < total:
+                change = await subscription.get()
+                if change.kind == "ipcache" and change.op == "upsert" and change.value.Metadata:
+                    delays.append(time.time() - float(change.value.Metadata))
+
+        writing = asyncio.create_task(writer.wait(), name="the writer process")
+        await wait_while_running(collect(), task, timeout=seconds * 4 + 60, what=f"{total} changes in the view")
+        await writing
         return delays
     finally:
         task.cancel()
@@ -258,9 +268,12 @@ def main() -> None:
         write_config(config_dir, remote)
         asyncio.run(raw_sync(remote.config("remote-local"), count))  # warm etcd's caches once, for both
         raw, synced = [], []
-        for number in range(rounds):
-            raw.append(asyncio.run(raw_sync(remote.config("remote-local"), count)))
-            synced.append(asyncio.run(agent_sync(local, config_dir, count, trace=False))[0])
+        for number in range(rounds):  # the order alternates: neither always runs on the caches the other warmed
+            for which in ("raw", "agent") if number % 2 == 0 else ("agent", "raw"):
+                if which == "raw":
+                    raw.append(asyncio.run(raw_sync(remote.config("remote-local"), count)))
+                else:
+                    synced.append(asyncio.run(agent_sync(local, config_dir, count, trace=False))[0])
             print(f"  round {number + 1}: raw list+decode {raw[-1]:.2f} s, agent sync {synced[-1]:.2f} s",
                   file=sys.stderr)  # fmt: skip
         _, per_entry = asyncio.run(agent_sync(local, config_dir, count, trace=True))

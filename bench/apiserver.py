@@ -38,6 +38,7 @@ from clustermesh.model import keys, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.converters import cilium_endpoint_to_ip_pairs
 from clustermesh.model.kinds import Object, kind_by_name
+from daemon.tasks import wait_while_running
 from kvstore import etcd
 from kvstore.backend import PutOp
 from kvstore.config import EtcdConfig
@@ -130,7 +131,7 @@ async def _with_apiserver(config: EtcdConfig, objects: list[Object], *, bulk: bo
 
             await asyncio.gather(*(create(obj) for obj in objects))
         applied = time.perf_counter() - started
-        await counter.done.wait()
+        await wait_while_running(counter.done.wait(), running, timeout=600, what="the ipcache keys in etcd")
         return applied, time.perf_counter() - started
     finally:
         for task in (running, watching):

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
-__all__ = ["cancel_and_wait", "run_together"]
+__all__ = ["cancel_and_wait", "run_together", "wait_while_running"]
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +42,23 @@ async def run_together(jobs: list[Coroutine[Any, Any, None]]) -> None:
                 raise exc
     finally:
         await cancel_and_wait(tasks)
+
+
+async def wait_while_running(
+    awaitable: Coroutine[Any, Any, Any], running: asyncio.Task[Any], *, timeout: float, what: str
+) -> None:
+    """Wait for `awaitable` (an event, a result) that `running` is to bring about: if `running` ends first, or
+    nothing comes within `timeout` seconds, say so with the cause instead of waiting for ever."""
+    waiter = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait([waiter, running], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not waiter.done():
+            await cancel_and_wait([waiter])
+    if waiter in done:
+        waiter.result()
+        return
+    if running in done:
+        cause = running.exception() if not running.cancelled() else "cancelled"
+        raise RuntimeError(f"{what}: {running.get_name()} ended first ({cause or 'without an error'})")
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from daemon.tasks import run_together
+from daemon.tasks import run_together, wait_while_running
 
 
 async def test_the_first_failure_stops_the_other_jobs_and_is_raised() -> None:
@@ -42,3 +42,24 @@ async def test_a_cancelled_caller_stops_every_job() -> None:
     with pytest.raises(asyncio.CancelledError):
         await runner
     assert sorted(stopped) == ["a", "b"]
+
+
+async def test_waiting_on_a_job_that_died_says_why_instead_of_hanging() -> None:
+    async def crashing() -> None:
+        raise ConnectionError("etcd went away")
+
+    running = asyncio.create_task(crashing(), name="the apiserver")
+    with pytest.raises(RuntimeError, match=r"the keys: the apiserver ended first \(etcd went away\)"):
+        await wait_while_running(asyncio.Event().wait(), running, timeout=5, what="the keys")
+
+
+async def test_waiting_returns_when_the_awaited_comes_and_times_out_otherwise() -> None:
+    running = asyncio.create_task(asyncio.Event().wait())
+    ready = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.01, ready.set)
+    try:
+        await wait_while_running(ready.wait(), running, timeout=5, what="ready")
+        with pytest.raises(TimeoutError, match="never: not within 0 s"):
+            await wait_while_running(asyncio.Event().wait(), running, timeout=0.05, what="never")
+    finally:
+        running.cancel()
