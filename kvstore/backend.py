@@ -19,7 +19,8 @@ Contract, for every implementation:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Protocol
 
 import msgspec
@@ -36,6 +37,7 @@ __all__ = [
     "PutOp",
     "Upsert",
     "WriteOp",
+    "follow_key",
     "wait_for_key",
 ]
 
@@ -143,14 +145,22 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-async def wait_for_key(backend: Backend, key: str) -> Entry:
-    """`key`'s entry, once it exists: read, then watched from the read's revision (nothing missed, no polling)."""
+async def follow_key(backend: Backend, key: str) -> AsyncGenerator[Entry, None]:
+    """`key` as it is (if it exists), then each write of it: read, then watched from the read's revision, so
+    nothing is missed and nothing is polled. Ends (raises) when the connection does."""
     listing = await backend.list_prefix(key)
     for entry in listing.entries:
         if entry.key == key:
-            return entry
+            yield entry
     async for batch in backend.watch(key, start_revision=listing.revision + 1):
         for event in batch:
             if isinstance(event, Upsert) and event.key == key:
-                return Entry(key, event.value, event.revision, event.lease, event.version, event.create_revision)
+                yield Entry(key, event.value, event.revision, event.lease, event.version, event.create_revision)
+
+
+async def wait_for_key(backend: Backend, key: str) -> Entry:
+    """`key`'s entry, once it exists."""
+    async with contextlib.aclosing(follow_key(backend, key)) as entries:  # the watch ends with the wait
+        async for entry in entries:
+            return entry
     raise errors.BackendUnavailable(f"watch {key}: the stream ended before the key appeared")

@@ -9,13 +9,14 @@ minutes ago. A stale cluster is not ready, whatever its watchers say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from clustermesh.model.keys import HEARTBEAT_KEY
 from kvstore import errors
-from kvstore.backend import Backend, PutOp, Upsert
+from kvstore.backend import Backend, PutOp, follow_key
 from kvstore.leases import LeaseManager
 from kvstore.syncing import rfc3339_now
 
@@ -83,11 +84,6 @@ class HeartbeatReader:
         """Read, then watch the heartbeat key until the connection breaks."""
         if self._started is None:
             self._started = self.clock()
-        listing = await backend.list_prefix(HEARTBEAT_KEY)
-        for entry in listing.entries:
-            if entry.key == HEARTBEAT_KEY:
+        async with contextlib.aclosing(follow_key(backend, HEARTBEAT_KEY)) as beats:
+            async for entry in beats:
                 self._seen(entry.value)
-        async for batch in backend.watch(HEARTBEAT_KEY, start_revision=listing.revision + 1):
-            for event in batch:
-                if isinstance(event, Upsert) and event.key == HEARTBEAT_KEY:
-                    self._seen(event.value)
