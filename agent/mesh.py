@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.configdir import ConfigDir, ConfigEvent
 from agent.metrics import AgentMetrics
-from agent.remotes import ClusterRegistry, Connector, RemoteCluster, RemoteStatus
+from agent.remotes import SHORT, ClusterRegistry, Connector, RemoteCluster, RemoteStatus
 from agent.view import KINDS, MergedView
 from clustermesh.model.clusters import ClusterInfo
 from daemon.tasks import cancel_and_wait
@@ -174,7 +174,7 @@ class Mesh:
                 self.metrics.entries.labels(name, kind).set(counts.get(kind, 0))
         for name, remote in self.remotes.items():
             for prefix, store in remote.stores.items():
-                self.metrics.rejected.labels(name, prefix.rsplit("/", 2)[-2]).set(len(store.rejected))
+                self.metrics.rejected.labels(name, SHORT[prefix]).set(len(store.rejected))  # the names status uses
 
     def status(self) -> AgentStatus:
         clusters = [

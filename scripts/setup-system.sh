@@ -59,7 +59,9 @@ if [ ${#missing_backports[@]} -gt 0 ]; then
   backports=/etc/apt/sources.list.d/clustermesh-backports.sources
   if [ ! -e "$backports" ]; then
     # The same archive as the system's own sources, suite bookworm-backports; nothing else is taken from it.
-    mirror=$(grep -ohP '^URIs:\s*\K\S+' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 || true)
+    # Debian's own file first: another *.sources may be a third party's archive, without bookworm-backports.
+    mirror=$(grep -ohP '^URIs:\s*\K\S+' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1 || true)
+    [ -n "$mirror" ] || mirror=$(grep -ohP '^URIs:\s*\K\S+' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 || true)
     [ -n "$mirror" ] || mirror=$(grep -m1 -oP '^deb\s+(\[[^]]*\]\s+)?\K\S+' /etc/apt/sources.list 2>/dev/null || true)
     [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
     printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \

@@ -269,6 +269,7 @@ async def test_a_rogue_remote_damages_nothing_but_its_own_entries(mesh: dict[str
         sample = agent.mesh.registry.get_sample_value
         agent.mesh.refresh_metrics()
         assert sample("clustermesh_remote_cluster_rejected_entries", {"cluster": "c2", "kind": "identities"}) == 2
+        assert sample("clustermesh_remote_cluster_rejected_entries", {"cluster": "c2", "kind": "endpoints"}) == 1
     finally:
         await rogue.close()
         await agent.stop()

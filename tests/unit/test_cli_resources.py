@@ -53,9 +53,11 @@ def test_apply_is_create_or_update_and_reports_each_object(controls: Controls, t
     assert code == 0
     assert out.splitlines() == ["namespace/shop created", "service/web created", "ciliumnode/node-1 created"]
     code, out, _ = run(controls, "apply", "-f", str(manifest))
+    assert code == 0
     assert out.splitlines() == ["namespace/shop unchanged", "service/web unchanged", "ciliumnode/node-1 unchanged"]
     changed = MANIFESTS.replace("192.168.0.1", "192.168.0.2")
     code, out, _ = run(controls, "apply", "-f", "-", stdin=changed)
+    assert code == 0
     assert "ciliumnode/node-1 configured" in out.splitlines()
 
 

@@ -178,7 +178,7 @@ def test_find_pod_names_the_pods_that_exist(reference: str) -> None:
 
 def test_the_layout_pod_ip_is_the_address_the_node_gives_that_pod(tmp_path: Path) -> None:
     """The lab attaches pod-<n>-1, pod-<n>-2, ... in order on a fresh node, and the node's IPAM hands out addresses
-    lowest first from .10: pod-<n>-1 gets .10, while PodLayout.ip (and the module's docstring) say .11."""
+    lowest first from .10: the address the layout announces for each pod is the one its node gives it."""
     node = LabLayout("lab", 1, 1, 3).cluster(1).node(1)
     ipam = IPAM(node.pod_cidr, tmp_path / "ipam.json")
     for pod in node.pods(3):
