@@ -19,8 +19,8 @@ from agent.datapath.netlink import DatapathError
 from agent.datapath.pods import PodNetwork
 from agent.endpoints import EndpointManager, EndpointRequest, InvalidRequest
 from agent.mesh import Mesh
-from daemon.http import Request, Response, Route, json_response
-from resources.store import ResourceError
+from clustermesh.daemon.http import Request, Response, Route, json_response
+from clustermesh.resources.store import ResourceError
 
 __all__ = ["routes"]
 

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 from clustermesh.model.addresses import ip_version
 from clustermesh.model.kinds import Object, kind_by_name
 from clustermesh.model.validation import DNS1123_LABEL, DNS1123_SUBDOMAIN
-from resources.store import NotFound, ResourceStore
-from resources.writing import create_or_update
+from clustermesh.resources.store import NotFound, ResourceStore
+from clustermesh.resources.writing import create_or_update
 
 __all__ = ["EndpointManager", "EndpointRequest", "InvalidRequest"]
 

@@ -41,8 +41,8 @@ from clustermesh.model.labels import (
     format_label_string,
     labels_from_security_map,
 )
-from resources.informing import Informer, Ref, object_ref
-from resources.store import AlreadyExists, Conflict, NotFound, ResourceStore, Unavailable
+from clustermesh.resources.informing import Informer, Ref, object_ref
+from clustermesh.resources.store import AlreadyExists, Conflict, NotFound, ResourceStore, Unavailable
 
 __all__ = [
     "CILIUM_ENDPOINT",

@@ -40,18 +40,18 @@ from agent.publishing import NodeSpec, run_node_publisher
 from agent.rendering import RemoteRenderer
 from agent.view import MergedView
 from agent.wgkeys import load_or_create
+from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
+from clustermesh.daemon.tasks import cancel_and_wait, run_together
 from clustermesh.model import converters
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Kind, Object, kind_by_name
-from daemon.http import HttpEndpoint, metrics_route, parse_address
-from daemon.tasks import cancel_and_wait, run_together
+from clustermesh.resources.informing import Informer
+from clustermesh.resources.opening import open_resource_store
+from clustermesh.resources.store import ResourceStore
 from kvstore import errors, etcd
 from kvstore.config import EtcdConfig
 from kvstore.reconnecting import connect_until_up
-from resources.informing import Informer
-from resources.opening import open_resource_store
-from resources.store import ResourceStore
 
 __all__ = ["Agent", "AgentSettings", "main"]
 

@@ -24,8 +24,8 @@ from agent.configdir import ConfigDir, ConfigEvent
 from agent.metrics import AgentMetrics
 from agent.remotes import SHORT, ClusterRegistry, Connector, RemoteCluster, RemoteStatus
 from agent.view import KINDS, MergedView
+from clustermesh.daemon.tasks import cancel_and_wait
 from clustermesh.model.clusters import ClusterInfo
-from daemon.tasks import cancel_and_wait
 from kvstore import etcd
 from kvstore.config import EtcdConfig
 from kvstore.heartbeat import HEARTBEAT_MAX_AGE

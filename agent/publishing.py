@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from clustermesh.model.converters import WIREGUARD_KEY_ANNOTATION
 from clustermesh.model.kinds import Object, kind_by_name
-from resources.store import ResourceError, ResourceStore
-from resources.writing import create_or_update
+from clustermesh.resources.store import ResourceError, ResourceStore
+from clustermesh.resources.writing import create_or_update
 
 __all__ = ["NodeSpec", "publish_node", "run_node_publisher"]
 

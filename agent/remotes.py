@@ -7,7 +7,7 @@ A `RemoteCluster` runs sessions, one per connection, in a loop:
    the local one's nor another connected cluster's, `maxConnectedClusters` is the same as ours. A refused cluster is
    not watched at all; the reason is in its status; it is checked again later (the config may be fixed);
 3. four WatchStores (nodes, ipcache, identities, services), each waiting for its synced canary, with the
-   validating decoders of `clustermesh.model.remotes`, and the heartbeat reader;
+   validating decoders of `clustermesh.model.admission`, and the heartbeat reader;
 4. a watchdog: a heartbeat older than `heartbeat_max_age` ends the session (the cluster is not ready, and we
    reconnect).
 
@@ -32,11 +32,11 @@ import msgspec
 
 from agent.metrics import AgentMetrics
 from agent.view import Kind, MergedView
+from clustermesh.daemon.tasks import cancel_and_wait
 from clustermesh.model import keys, wire
+from clustermesh.model.admission import RemoteDecoders, decoders_for
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
-from clustermesh.model.remotes import RemoteDecoders, decoders_for
-from daemon.tasks import cancel_and_wait
 from kvstore import errors
 from kvstore.backend import Backend
 from kvstore.config import EtcdConfig, load_config_file

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from clustermesh.model import keys, wire
-from clustermesh.model.remotes import IdentityEntry
+from clustermesh.model.admission import IdentityEntry
 
 __all__ = ["Change", "GlobalService", "MergedView", "ServiceBackend", "Subscription"]
 

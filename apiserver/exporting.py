@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry, Counter
 from clustermesh.model import converters, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.kinds import Kind, Object
+from clustermesh.resources.informing import Ref, object_ref
 from kvstore.syncing import SyncStore
-from resources.informing import Ref, object_ref
 
 __all__ = ["Exporter", "StateStores"]
 

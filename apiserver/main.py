@@ -22,16 +22,16 @@ import click
 from prometheus_client import CollectorRegistry, Counter
 
 from apiserver.server import Apiserver, ApiserverConfig, readyz_answer
+from clustermesh.daemon.http import HttpEndpoint, Response, metrics_route, parse_address, text_route
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
-from daemon.http import HttpEndpoint, Response, metrics_route, parse_address, text_route
+from clustermesh.resources.opening import open_resource_store
+from clustermesh.resources.store import ResourceStore
 from kvstore import errors, etcd
 from kvstore.backend import Backend
 from kvstore.config import EtcdConfig
 from kvstore.leases import DEFAULT_TTL
 from kvstore.reconnecting import connect_until_up
-from resources.opening import open_resource_store
-from resources.store import ResourceStore
 
 __all__ = ["main"]
 

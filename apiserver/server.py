@@ -25,18 +25,18 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from apiserver.clusterconfig import ClusterConfigEnforcer
 from apiserver.exporting import Exporter, StateStores
+from clustermesh.daemon.http import Response
+from clustermesh.daemon.tasks import run_together
 from clustermesh.model import keys
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.kinds import kind_by_name
-from daemon.http import Response
-from daemon.tasks import run_together
+from clustermesh.resources.informing import Informer
+from clustermesh.resources.store import ResourceStore
 from kvstore.backend import Backend
 from kvstore.heartbeat import HeartbeatWriter
 from kvstore.leases import DEFAULT_TTL, LeaseManager
 from kvstore.metrics import KVStoreMetrics
 from kvstore.syncing import SyncStore
-from resources.informing import Informer
-from resources.store import ResourceStore
 
 __all__ = ["Apiserver", "ApiserverConfig"]
 

@@ -40,14 +40,14 @@ from etcd3aio.kv import prefix_range_end
 
 import certs
 from agent.mesh import Mesh
+from clustermesh.daemon.tasks import wait_while_running
 from clustermesh.model import keys, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.converters import cluster_config
-from daemon.tasks import wait_while_running
+from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
 from kvstore import etcd, users
 from kvstore.backend import PutOp
 from kvstore.config import EtcdConfig
-from kvstore.process import EtcdProcess, EtcdSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ClusterInfo("local", 1)

@@ -34,17 +34,17 @@ import msgspec
 
 import certs
 from apiserver.server import Apiserver, ApiserverConfig
+from clustermesh.daemon.tasks import wait_while_running
 from clustermesh.model import keys, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.converters import cilium_endpoint_to_ip_pairs
 from clustermesh.model.kinds import Object, kind_by_name
-from daemon.tasks import wait_while_running
+from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
+from clustermesh.resources.standalone import StandaloneStore, registry_key
 from kvstore import etcd
 from kvstore.backend import PutOp
 from kvstore.config import EtcdConfig
-from kvstore.process import EtcdProcess, EtcdSpec
 from kvstore.watching import WatchStore
-from resources.standalone import StandaloneStore, registry_key
 
 CLUSTER = ClusterInfo("bench", 5)
 ENDPOINT = kind_by_name("CiliumEndpoint")

@@ -33,10 +33,10 @@ from etcd3aio.kv import KVService, prefix_range_end
 
 import certs
 from clustermesh.model import keys, wire
+from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
 from kvstore import etcd
 from kvstore.config import EtcdConfig
 from kvstore.leases import LeaseManager
-from kvstore.process import EtcdProcess, EtcdSpec
 from kvstore.syncing import SyncStore
 from kvstore.watching import WatchStore
 

@@ -28,10 +28,10 @@ from clustermesh.contexts import Context
 from clustermesh.model import keys, wire
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import kind_by_name
+from clustermesh.resources.standalone import StandaloneStore
+from clustermesh.resources.store import NotFound
 from kvstore import errors, etcd, users
 from kvstore.config import EtcdConfig
-from resources.standalone import StandaloneStore
-from resources.store import NotFound
 
 __all__ = ["ConnectError", "Side", "connect_clusters", "disconnect_clusters", "open_side"]
 

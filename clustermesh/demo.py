@@ -21,7 +21,7 @@ from clustermesh import output
 from clustermesh.lab import netns
 from clustermesh.lab.lab import Lab, down, require_root
 from clustermesh.lab.layout import LabLayout
-from clustermesh.processes import Child
+from clustermesh.processes.child import Child
 from clustermesh.status import fetch_status, render_status
 
 __all__ = ["main"]

@@ -25,13 +25,13 @@ from clustermesh import connecting, output
 from clustermesh.contexts import Context, ContextFile
 from clustermesh.kubectl import apply_objects, load_manifests
 from clustermesh.model import keys, wire
-from clustermesh.processes import Child
+from clustermesh.processes.child import Child
+from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
+from clustermesh.resources.standalone import StandaloneStore
 from clustermesh.status import fetch_status, render_status
 from kvstore import errors, etcd, users
 from kvstore.config import EtcdConfig
-from kvstore.process import EtcdProcess, EtcdSpec
 from kvstore.watching import WatchStore
-from resources.standalone import StandaloneStore
 
 __all__ = ["main"]
 

@@ -20,8 +20,8 @@ import yaml
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Kind, Object, kind_by_name
 from clustermesh.model.validation import validate_object
-from resources.store import Invalid, NotFound, ResourceError, ResourceStore
-from resources.writing import create_or_update
+from clustermesh.resources.store import Invalid, NotFound, ResourceError, ResourceStore
+from clustermesh.resources.writing import create_or_update
 
 __all__ = ["Outcome", "apply_objects", "delete_objects", "load_manifests"]
 

@@ -26,10 +26,10 @@ from clustermesh.kubectl import ManifestError, Outcome, apply_objects, delete_ob
 from clustermesh.model.clusters import validate_cluster_name
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Object, resolve_kind
+from clustermesh.resources.standalone import StandaloneStore
+from clustermesh.resources.store import ResourceError, ResourceStore
 from kvstore import errors as kverrors
 from kvstore import etcd, users
-from resources.standalone import StandaloneStore
-from resources.store import ResourceError, ResourceStore
 
 __all__ = ["Controls", "cli", "main"]
 
@@ -523,7 +523,7 @@ def lab_group() -> None:
 def _lab_errors(work: Callable[[], T]) -> T:
     from clustermesh.lab.layout import LabError
     from clustermesh.lab.netns import CommandFailed
-    from clustermesh.processes import ChildFailed
+    from clustermesh.processes.child import ChildFailed
 
     try:
         return work()

@@ -45,13 +45,13 @@ from clustermesh.lab.layout import (
     NodeLayout,
 )
 from clustermesh.model.kinds import kind_by_name
-from clustermesh.processes import Child
+from clustermesh.processes.child import Child
+from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
+from clustermesh.resources.standalone import StandaloneStore
 from clustermesh.status import AgentUnreachable, fetch_status
 from kvstore import etcd, users
 from kvstore.config import EtcdConfig
 from kvstore.errors import KVStoreError
-from kvstore.process import EtcdProcess, EtcdSpec
-from resources.standalone import StandaloneStore
 
 __all__ = ["Lab", "LabError", "LabExists", "down", "load"]
 

@@ -16,7 +16,7 @@ import logging
 from typing import Protocol
 
 from clustermesh.model.kinds import Kind, Object
-from resources.store import Gone, ResourceError, ResourceStore
+from clustermesh.resources.store import Gone, ResourceError, ResourceStore
 
 __all__ = ["Handler", "Informer", "object_ref"]
 

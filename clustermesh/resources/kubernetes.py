@@ -38,7 +38,7 @@ from kubernetes.client.exceptions import ApiException
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Kind, Object
 from clustermesh.model.validation import validate_object
-from resources.store import (
+from clustermesh.resources.store import (
     AlreadyExists,
     Conflict,
     Gone,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from clustermesh.resources.standalone import StandaloneStore
+from clustermesh.resources.store import ResourceStore
 from kvstore.backend import Backend
-from resources.standalone import StandaloneStore
-from resources.store import ResourceStore
 
 __all__ = ["open_resource_store"]
 
@@ -16,7 +16,7 @@ def open_resource_store(
     (imported only then: hosts without Kubernetes do not need its client). Close it when done."""
     if source == "standalone":
         return StandaloneStore(backend)
-    from resources.kubernetes import KubernetesStore
+    from clustermesh.resources.kubernetes import KubernetesStore
 
     store: ResourceStore = KubernetesStore.from_kubeconfig(kubeconfig, context)
     return store

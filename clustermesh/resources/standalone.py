@@ -28,9 +28,7 @@ from clustermesh.model import keys
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Kind, Object
 from clustermesh.model.validation import validate_object
-from kvstore import errors as kverrors
-from kvstore.backend import Backend, Delete
-from resources.store import (
+from clustermesh.resources.store import (
     AlreadyExists,
     Conflict,
     Gone,
@@ -41,6 +39,8 @@ from resources.store import (
     checked,
     describe,
 )
+from kvstore import errors as kverrors
+from kvstore.backend import Backend, Delete
 
 __all__ = ["StandaloneStore", "registry_key"]
 

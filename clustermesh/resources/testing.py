@@ -11,7 +11,7 @@ import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from clustermesh.model.kinds import Kind, Object, kind_by_name
-from resources.store import AlreadyExists, Conflict, Gone, Invalid, NotFound, ResourceStore, WatchEvent
+from clustermesh.resources.store import AlreadyExists, Conflict, Gone, Invalid, NotFound, ResourceStore, WatchEvent
 
 __all__ = ["check_store", "node", "service"]
 

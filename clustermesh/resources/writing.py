@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from clustermesh.model.kinds import Object, kind_by_name
-from resources.store import AlreadyExists, Conflict, NotFound, ResourceStore, describe
+from clustermesh.resources.store import AlreadyExists, Conflict, NotFound, ResourceStore, describe
 
 __all__ = ["Written", "create_or_update"]
 

@@ -18,10 +18,10 @@ import yaml
 from apiserver.server import Apiserver, ApiserverConfig
 from clustermesh.kubectl import apply_objects, delete_objects
 from clustermesh.model.clusters import ClusterInfo
+from clustermesh.resources.store import ResourceStore
 from kvstore import etcd
 from kvstore.testing import Recorder
 from kvstore.watching import WatchStore
-from resources.store import ResourceStore
 from tests.integration.conftest import EtcdCluster
 
 FENCE_KEY = "cilium/test-fence"  # watched by the bench's reader, written by nobody but `Bench.fence`

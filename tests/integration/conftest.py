@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import certs
+from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
 from kvstore import etcd
 from kvstore.config import EtcdConfig
-from kvstore.process import EtcdProcess, EtcdSpec
 
 
 @dataclass

@@ -23,10 +23,10 @@ from agent.view import Change, MergedView
 from apiserver.server import Apiserver, ApiserverConfig
 from clustermesh.kubectl import apply_objects, delete_objects
 from clustermesh.model.clusters import ClusterInfo
+from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
+from clustermesh.resources.standalone import StandaloneStore
 from kvstore import etcd, users
 from kvstore.config import EtcdConfig
-from kvstore.process import EtcdProcess, EtcdSpec
-from resources.standalone import StandaloneStore
 
 LEASE_TTL = 5  # keep-alive every ~2 s: a wiped etcd is noticed quickly
 HEARTBEAT_INTERVAL = 1.0

@@ -17,12 +17,12 @@ import pytest
 import certs
 from agent.main import LocalServices
 from agent.view import MergedView
+from clustermesh.daemon.tasks import cancel_and_wait
 from clustermesh.model.kinds import kind_by_name
-from daemon.tasks import cancel_and_wait
+from clustermesh.resources.informing import Informer
+from clustermesh.resources.standalone import StandaloneStore
 from kvstore import errors, etcd
 from kvstore.backend import PutOp
-from resources.informing import Informer
-from resources.standalone import StandaloneStore
 from tests.integration.mesh_env import (
     Agent,
     MeshCluster,

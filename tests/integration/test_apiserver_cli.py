@@ -159,7 +159,7 @@ async def test_the_documented_command_lines_publish_a_node(
 
 
 async def test_readyz_names_what_is_missing_while_etcd_is_unreachable(etcd_cluster: EtcdCluster) -> None:
-    from kvstore.process import free_port
+    from clustermesh.processes.etcd import free_port
 
     user = etcd_cluster.config("admin-c1")
     proc = await asyncio.create_subprocess_exec(

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from kubernetes.client import Configuration
 
+from clustermesh.resources.kubernetes import KubernetesStore
+from clustermesh.resources.standalone import StandaloneStore
 from kvstore import etcd
 from kvstore.backend import PutOp
-from resources.kubernetes import KubernetesStore
-from resources.standalone import StandaloneStore
 from tests.integration.apiserver_env import Bench, bench
 from tests.integration.conftest import EtcdCluster
 from tests.k8s_standin import StandinAPIServer

@@ -21,9 +21,9 @@ import yaml
 
 import certs
 from clustermesh.model.kinds import kind_by_name
+from clustermesh.resources.standalone import StandaloneStore
 from kvstore import etcd
 from kvstore.backend import wait_for_key
-from resources.standalone import StandaloneStore
 from tests.integration.mesh_env import MeshCluster, node
 
 BIN = Path(sys.executable).parent

@@ -69,7 +69,7 @@ async def test_expired_client_certificate_is_refused_by_etcd_too(etcd_cluster: E
 
 
 async def test_unreachable_endpoint_is_named(etcd_cluster: EtcdCluster) -> None:
-    from kvstore.process import free_port
+    from clustermesh.processes.etcd import free_port
 
     url = f"https://127.0.0.1:{free_port()}"
     with pytest.raises(errors.EndpointUnreachable, match="unreachable"):

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.identities import CILIUM_IDENTITY, IdentityAllocator
 from clustermesh.model.clusters import ClusterInfo
-from resources.standalone import StandaloneStore
+from clustermesh.resources.standalone import StandaloneStore
 from tests.integration.conftest import EtcdCluster
 
 

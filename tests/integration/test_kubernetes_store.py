@@ -16,8 +16,8 @@ import pytest
 from kubernetes.client import Configuration
 
 from clustermesh.model.kinds import Kind, kind_by_name
-from resources.kubernetes import KubernetesStore
-from resources.store import (
+from clustermesh.resources.kubernetes import KubernetesStore
+from clustermesh.resources.store import (
     AlreadyExists,
     Conflict,
     Gone,
@@ -27,7 +27,7 @@ from resources.store import (
     Unavailable,
     WatchEvent,
 )
-from resources.testing import check_gone, check_store, node, service
+from clustermesh.resources.testing import check_gone, check_store, node, service
 from tests.k8s_standin import StandinAPIServer
 
 CILIUM_NODE = kind_by_name("CiliumNode")

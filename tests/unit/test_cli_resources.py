@@ -10,8 +10,8 @@ import yaml
 from click.testing import CliRunner
 
 from clustermesh.cli import Controls, cli
+from clustermesh.resources.standalone import StandaloneStore
 from kvstore.memory import MemoryBackend
-from resources.standalone import StandaloneStore
 
 MANIFESTS = """
 apiVersion: v1

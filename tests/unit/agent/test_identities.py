@@ -24,10 +24,10 @@ from agent.identities import (
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.identities import IdentityRange
 from clustermesh.model.kinds import Object
+from clustermesh.resources.standalone import StandaloneStore
+from clustermesh.resources.store import ObjectList, Unavailable
 from kvstore.backend import Entry, Listing
 from kvstore.memory import MemoryBackend
-from resources.standalone import StandaloneStore
-from resources.store import ObjectList, Unavailable
 
 C1 = ClusterInfo("c1", 1)
 FIRST = (1 << 16) + 256  # cluster 1's first allocatable identity

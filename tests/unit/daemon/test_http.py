@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.http import HttpEndpoint, text_route
+from clustermesh.daemon.http import HttpEndpoint, text_route
 
 
 async def exchange(path: Path, raw: bytes) -> bytes:

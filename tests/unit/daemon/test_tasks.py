@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from daemon.tasks import run_together, wait_while_running
+from clustermesh.daemon.tasks import run_together, wait_while_running
 
 
 async def test_the_first_failure_stops_the_other_jobs_and_is_raised() -> None:

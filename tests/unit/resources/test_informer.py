@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from clustermesh.model.kinds import Kind, Object, kind_by_name
+from clustermesh.resources.informing import Informer
+from clustermesh.resources.standalone import StandaloneStore
+from clustermesh.resources.store import NotFound, ObjectList, ResourceError
+from clustermesh.resources.testing import node
 from kvstore.memory import MemoryBackend
-from resources.informing import Informer
-from resources.standalone import StandaloneStore
-from resources.store import NotFound, ObjectList, ResourceError
-from resources.testing import node
 
 CILIUM_NODE = kind_by_name("CiliumNode")
 

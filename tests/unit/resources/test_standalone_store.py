@@ -3,9 +3,9 @@ from __future__ import annotations
 import asyncio
 
 from clustermesh.model.kinds import kind_by_name
+from clustermesh.resources.standalone import StandaloneStore, registry_key
+from clustermesh.resources.testing import check_gone, check_store, node
 from kvstore.memory import MemoryBackend
-from resources.standalone import StandaloneStore, registry_key
-from resources.testing import check_gone, check_store, node
 
 CILIUM_NODE = kind_by_name("CiliumNode")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from clustermesh.model.kinds import Object
+from clustermesh.resources.standalone import StandaloneStore
+from clustermesh.resources.store import Conflict
+from clustermesh.resources.testing import node
+from clustermesh.resources.writing import create_or_update
 from kvstore.memory import MemoryBackend
-from resources.standalone import StandaloneStore
-from resources.store import Conflict
-from resources.testing import node
-from resources.writing import create_or_update
 
 
 def same_spec(current: Object, wanted: Object) -> bool:
