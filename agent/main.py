@@ -44,7 +44,7 @@ from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait, run_together
 from clustermesh.model import converters
 from clustermesh.model.clusters import ClusterInfo
-from clustermesh.model.errors import ModelError
+from clustermesh.model.errors import InvalidValue, ModelError
 from clustermesh.model.kinds import Kind, Object, kind_by_name
 from clustermesh.resources.informing import Informer
 from clustermesh.resources.opening import open_resource_store
@@ -122,6 +122,8 @@ class Agent:
             heartbeat_max_age=settings.heartbeat_max_age,
             scan_interval=settings.scan_interval,
             registry=self.registry,
+            pod_supernets=settings.pod_supernets,
+            own_node=converters.cilium_node_to_node(self.node_spec_without_key(), settings.cluster),
         )
         self.keys = load_or_create(settings.state_dir / "wireguard.key")
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +172,18 @@ class Agent:
             wireguard_public_key=self.keys.public_base64,
             boot_id=self.settings.boot_id,
         )
+
+    def node_spec_without_key(self) -> Object:
+        """This node's CiliumNode as its settings describe it (before its WireGuard key is read)."""
+        settings = self.settings
+        spec = NodeSpec(
+            name=settings.node_name,
+            internal_ips=settings.node_ips,
+            pod_cidrs=settings.pod_cidrs,
+            cilium_internal_ip=settings.cilium_internal_ip,
+            health_ipv4=settings.health_ip,
+        )
+        return spec.object()
 
     async def _local_jobs(self) -> None:
         """Everything that needs the local ResourceStore, once its etcd answers."""
@@ -388,4 +402,10 @@ def main(**params: Any) -> None:
         ipsec_ca=params["ipsec_ca"],
         pod_supernets=list(params["pod_supernets"]),
     )
-    asyncio.run(_run_until_signalled(Agent(settings)))
+    try:
+        agent = Agent(settings)
+    except InvalidValue as exc:  # this node's own CIDRs and addresses, checked as every node's are
+        raise click.UsageError(f"this node's --pod-cidr or --node-ip: {exc.reason}") from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    asyncio.run(_run_until_signalled(agent))

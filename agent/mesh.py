@@ -25,6 +25,8 @@ from agent.metrics import AgentMetrics
 from agent.remotes import SHORT, ClusterRegistry, Connector, RemoteCluster, RemoteStatus
 from agent.view import KINDS, MergedView
 from clustermesh.daemon.tasks import cancel_and_wait
+from clustermesh.model import wire
+from clustermesh.model.admission import Ownership
 from clustermesh.model.clusters import ClusterInfo
 from kvstore import etcd
 from kvstore.config import EtcdConfig
@@ -58,10 +60,20 @@ class Mesh:
     scan_interval: float = 1.0
     refused_retry: float = 10.0
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    #: Where pods of the mesh live: a node's pod CIDRs must lie inside (DESIGN section 6).
+    pod_supernets: list[str] = field(default_factory=lambda: ["10.0.0.0/8"])
+    #: This node, as its settings describe it: its addresses are claimed before any etcd is read.
+    own_node: wire.Node | None = None
 
     def __post_init__(self) -> None:
         self.view = MergedView(self.local.name)
         self.clusters = ClusterRegistry(self.local)
+        self.ownership = Ownership(self.local.name, self.pod_supernets)
+        if self.own_node is not None:
+            self.ownership.pin_node(self.local.name, self.own_node)
+        self.ownership.take_changes()
+        self.ownership.on_change = self._schedule_reconcile
+        self._reconcile_pending = False
         self.metrics = AgentMetrics(self.registry)
         self.kvmetrics = KVStoreMetrics(self.registry)
         self.remotes: dict[str, RemoteCluster] = {}
@@ -83,6 +95,7 @@ class Mesh:
             is_local=is_local,
             view=self.view,
             registry=self.clusters,
+            ownership=self.ownership,
             connect=self.connect,
             metrics=self.metrics,
             kvmetrics=self.kvmetrics,
@@ -120,6 +133,34 @@ class Mesh:
     def _touch(self) -> None:
         self.changed.set()
         self.metrics.clusters.set(len(self.remotes))
+
+    # --- ownership of addresses
+
+    def _schedule_reconcile(self) -> None:
+        if not self._reconcile_pending:
+            self._reconcile_pending = True
+            asyncio.get_running_loop().call_soon(self.reconcile)
+
+    def reconcile(self) -> None:
+        """Ownership changed: evict the claims the local cluster took over, take back the entries of clusters that
+        lost addresses, and admit held entries that fit now. Until nothing changes any more."""
+        try:
+            while True:
+                evicted, shrunk, changed = self.ownership.take_changes()
+                if not (evicted or shrunk or changed):
+                    return
+                for claimant, reason in evicted.items():
+                    remote = self.remotes.get(claimant.cluster)
+                    if remote is not None:
+                        remote.evict_node(claimant.node, reason)
+                for name in shrunk:
+                    remote = self.remotes.get(name)
+                    if remote is not None:
+                        remote.recheck(entries=True)
+                for remote in list(self.remotes.values()):
+                    remote.recheck()
+        finally:
+            self._reconcile_pending = False
 
     def on_config_event(self, event: ConfigEvent) -> None:
         if event.action == "added":

@@ -21,6 +21,7 @@ config was refused.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,7 @@ from agent.metrics import AgentMetrics
 from agent.view import Kind, MergedView
 from clustermesh.daemon.tasks import cancel_and_wait
 from clustermesh.model import keys, wire
-from clustermesh.model.admission import RemoteDecoders, decoders_for
+from clustermesh.model.admission import Ownership, RemoteDecoders, decoders_for
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
 from kvstore import errors
@@ -132,6 +133,7 @@ class RemoteCluster:
     config_path: Path | None
     view: MergedView
     registry: ClusterRegistry
+    ownership: Ownership
     connect: Connector
     metrics: AgentMetrics | None = None
     kvmetrics: KVStoreMetrics | None = None
@@ -182,6 +184,10 @@ class RemoteCluster:
 
     def ready(self) -> bool:
         return not self.not_ready()
+
+    def rejected_reasons(self) -> list[tuple[str, str]]:
+        """Every key of this cluster whose value is rejected or held, with the reason, sorted by key."""
+        return sorted(item for store in self.stores.values() for item in store.rejected.items())
 
     def status(self) -> RemoteStatus:
         rejected: dict[str, int] = {}
@@ -317,11 +323,20 @@ class RemoteCluster:
             keys.IDENTITIES_PREFIX: self.decoders.identity,
             keys.SERVICES_PREFIX: self.decoders.service,
         }
+        ownership, name = self.ownership, self.name
+        admit: dict[str, Any] = {
+            keys.NODES_PREFIX: functools.partial(ownership.admit_node, name),
+            keys.IPCACHE_PREFIX: ownership.ip_admitter(name),
+            keys.SERVICES_PREFIX: functools.partial(ownership.admit_service, name),
+        }
+        observers: dict[str, Any] = {prefix: self.view.observer(name, kind) for prefix, kind in PREFIX_KINDS.items()}
+        observers[keys.NODES_PREFIX] = _NodeClaims(observers[keys.NODES_PREFIX], ownership, name)
         self.stores = {
             prefix: WatchStore(
                 prefix=key_prefix,
                 decode=decode[prefix],
-                observer=self.view.observer(self.name, PREFIX_KINDS[prefix]),
+                admit=admit.get(prefix),
+                observer=observers[prefix],
                 name=f"{self.name}/{SHORT[prefix]}",
                 synced_canary=keys.synced_key(self.name, prefix),
                 metrics=self.kvmetrics,
@@ -331,8 +346,35 @@ class RemoteCluster:
             for prefix, key_prefix in self.decoders.prefixes.items()
         }
 
+    async def _run_store(self, prefix: str, store: WatchStore[Any], backend: Backend) -> None:
+        """Nodes first: the other prefixes are admitted by the addresses the nodes claim (an endpoint listed before
+        its node would be held, and admitted a moment later)."""
+        if prefix != keys.NODES_PREFIX:
+            await self.stores[keys.NODES_PREFIX].live.wait()
+        await store.run(backend)
+
+    def recheck(self, *, entries: bool = False) -> None:
+        """Ownership changed: admit what fits now; with `entries`, take back endpoints and services that do not."""
+        for prefix, store in self.stores.items():
+            if prefix in (keys.IPCACHE_PREFIX, keys.SERVICES_PREFIX):
+                if entries and self.connected and not store.live.is_set():
+                    store.recheck_after_list()  # a session is listing: its list brings the current values
+                    store.recheck()
+                else:
+                    store.recheck(entries=entries)
+            elif prefix == keys.NODES_PREFIX:
+                store.recheck()
+
+    def evict_node(self, node: str, reason: str) -> None:
+        """The local cluster took this node's addresses: take it back from the view (held until they are free)."""
+        store = self.stores.get(keys.NODES_PREFIX)
+        if store is not None:
+            log.warning("cluster %s: node %s evicted: %s", self.name, node, reason)
+            store.evict(keys.node_key(self.name, node), reason)
+            self._set_changed()
+
     async def _watch(self, backend: Backend) -> None:
-        tasks = [asyncio.create_task(store.run(backend), name=f"{self.name}-{SHORT[p]}")
+        tasks = [asyncio.create_task(self._run_store(p, store, backend), name=f"{self.name}-{SHORT[p]}")
                  for p, store in self.stores.items()]  # fmt: skip
         tasks.append(asyncio.create_task(self.heartbeat.run(backend), name=f"{self.name}-heartbeat"))
         tasks.append(asyncio.create_task(self._watchdog(), name=f"{self.name}-watchdog"))
@@ -397,3 +439,22 @@ class RemoteCluster:
         self._cancel_drain()
         self.drain()
         self.registry.release(self.name)
+
+
+class _NodeClaims:
+    """The view's observer of one cluster's nodes, which also gives a node's addresses back when it goes."""
+
+    def __init__(self, view: Any, ownership: Ownership, cluster: str) -> None:
+        self.view = view
+        self.ownership = ownership
+        self.cluster = cluster
+
+    def on_upsert(self, key: str, node: wire.Node) -> None:
+        self.view.on_upsert(key, node)
+
+    def on_upserts(self, items: list[tuple[str, wire.Node]]) -> None:
+        self.view.on_upserts(items)
+
+    def on_delete(self, key: str, node: wire.Node) -> None:
+        self.ownership.release_node(self.cluster, node.Name)
+        self.view.on_delete(key, node)

@@ -24,8 +24,6 @@ from clustermesh.model.admission import IdentityEntry
 
 __all__ = ["Change", "GlobalService", "MergedView", "ServiceBackend", "Subscription"]
 
-_IP_PREFIX_LENGTH = len(keys.ipcache_key_prefix())
-
 log = logging.getLogger(__name__)
 
 Kind = Literal["node", "ipcache", "identity", "service"]
@@ -196,7 +194,7 @@ class MergedView:
     # rare second claim of an IP by another cluster (a broken mesh) kept aside, the local cluster's claim winning.
 
     def _upsert_ipcache(self, cluster: str, key: str, pair: wire.IPIdentityPair) -> None:
-        ip_key = key[_IP_PREFIX_LENGTH:]  # the validator checked that the key is the entry's IP (or CIDR)
+        ip_key = keys.ip_of_checked_key(key)
         owner = self._ip_owner.get(ip_key)
         if owner is None or owner == cluster:
             if owner is None:
@@ -222,8 +220,9 @@ class MergedView:
         """A page of a list: the common case (new IPs, or this cluster's own) in one tight loop."""
         owners, entries, changes = self._ip_owner, self._ip_entries, []
         added = 0
+        parse = keys.ip_of_checked_key
         for key, pair in items:
-            ip_key = key[_IP_PREFIX_LENGTH:]
+            ip_key = parse(key)
             owner = owners.get(ip_key)
             if owner is None:
                 owners[ip_key] = cluster
@@ -240,7 +239,7 @@ class MergedView:
             subscription.wake()
 
     def _delete_ipcache(self, cluster: str, key: str, pair: wire.IPIdentityPair) -> None:
-        ip_key = key[_IP_PREFIX_LENGTH:]
+        ip_key = keys.ip_of_checked_key(key)
         owner = self._ip_owner.get(ip_key)
         shadow = self._ip_shadowed.get(ip_key)
         if owner != cluster:

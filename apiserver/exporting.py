@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter
 
-from clustermesh.model import converters, wire
+from clustermesh.model import converters, keys, wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.kinds import Kind, Object
 from clustermesh.resources.informing import Ref, object_ref
@@ -187,9 +187,9 @@ class Exporter:
             slices = [s for s in self.slices.get(ref, {}).values() if converters.slice_belongs_to(s, namespace, name)]
             exported = converters.service_to_cluster_service(service, slices, self.cluster)
         if exported is None:
-            self.stores.services.delete(f"{namespace}/{name}")
+            self.stores.services.delete(keys.service_key_name(namespace, name))
         else:
-            self.stores.services.upsert(f"{namespace}/{name}", wire.encode(exported))
+            self.stores.services.upsert(keys.service_key_name(namespace, name), wire.encode(exported))
 
     # --- namespaces
 

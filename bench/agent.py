@@ -63,6 +63,24 @@ def entry(i: int, metadata: str = "") -> tuple[str, bytes]:
     return keys.ip_key(ip), wire.encode(pair)
 
 
+def nodes(info: ClusterInfo, count: int) -> list[wire.Node]:
+    """Nodes whose pod CIDRs hold the endpoints (admission requires it): one /16 per 65,536, and the writer's
+    (none for a cluster that publishes no endpoints)."""
+    if not count:
+        return []
+    second_octets = [*range(100, 100 + (count + 65535) // 65536), 200]
+    return [
+        wire.Node(
+            Name=f"node-{octet}",
+            Cluster=info.name,
+            ClusterID=info.id,
+            IPv4AllocCIDR=wire.ip_net(f"10.{octet}.0.0/16"),
+            IPAddresses=[wire.Address(Type="InternalIP", IP=f"192.168.250.{octet - 99}")],
+        )
+        for octet in second_octets
+    ]
+
+
 class Cluster:
     """An etcd with a PKI, as a cluster's; `publish` writes the keys an apiserver would."""
 
@@ -97,6 +115,10 @@ class Cluster:
             fixed = [
                 PutOp(keys.cluster_config_key(self.info.name), wire.encode(cluster_config(self.info))),
                 PutOp(keys.HEARTBEAT_KEY, b"2026-01-01T00:00:00Z"),
+                *(
+                    PutOp(keys.node_key(self.info.name, node.Name), wire.encode(node))
+                    for node in nodes(self.info, count)
+                ),
             ]
             prefixes = (keys.NODES_PREFIX, keys.IPCACHE_PREFIX, keys.IDENTITIES_PREFIX, keys.SERVICES_PREFIX)
             fixed += [PutOp(keys.synced_key(self.info.name, p), b"2026-01-01T00:00:00Z") for p in prefixes]

@@ -68,7 +68,7 @@ async def open_side(context: Context, base: Path, pki_dir: Path | None) -> Side:
     except errors.KVStoreError as exc:
         raise ConnectError(f"context {context.name}: {exc}") from None
     try:
-        listing = await backend.list_prefix(keys.CLUSTER_CONFIG_PREFIX + "/")
+        listing = await backend.list_prefix(keys.cluster_configs_prefix())
         if len(listing.entries) != 1:
             found = ", ".join(e.key for e in listing.entries) or "none"
             raise ConnectError(
@@ -76,8 +76,8 @@ async def open_side(context: Context, base: Path, pki_dir: Path | None) -> Side:
                 "is its clustermesh-apiserver running?"
             )
         entry = listing.entries[0]
-        name = entry.key.rsplit("/", 1)[-1]
         try:
+            name = keys.parse_cluster_config_key(entry.key)
             cluster_config = wire.decode(wire.ClusterConfig, entry.key, entry.value)
         except ModelError as exc:
             raise ConnectError(f"context {context.name}: {exc}") from None

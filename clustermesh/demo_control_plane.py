@@ -163,7 +163,7 @@ async def wait_published(config: EtcdConfig, cluster: str, timeout: float = 30.0
         canaries = [keys.synced_key(cluster, prefix) for prefix in
                     (keys.NODES_PREFIX, keys.IPCACHE_PREFIX, keys.IDENTITIES_PREFIX, keys.SERVICES_PREFIX)]  # fmt: skip
         changed = Changed()
-        store: WatchStore[bytes] = WatchStore(prefix="cilium/", decode=lambda k, v: v, observer=changed)
+        store: WatchStore[bytes] = WatchStore(prefix=keys.CILIUM_PREFIX, decode=lambda k, v: v, observer=changed)
         task = asyncio.create_task(store.run(backend))
         try:
             async with asyncio.timeout(timeout):
@@ -191,14 +191,14 @@ async def read_as_remote(config: EtcdConfig, cluster: str) -> list[tuple[str, st
     """What a remote agent sees: each prefix after its canary, decoded and checked."""
     backend = await etcd.connect(config)
     decoders = {
-        keys.NODES_PREFIX: (keys.nodes_key_prefix(cluster), wire.decoder_for(wire.Node)),
-        keys.IPCACHE_PREFIX: (keys.ipcache_key_prefix(), wire.decoder_for(wire.IPIdentityPair)),
-        keys.IDENTITIES_PREFIX: (keys.identities_key_prefix(), lambda key, data: data.decode()),
-        keys.SERVICES_PREFIX: (keys.services_key_prefix(cluster), wire.decoder_for(wire.ClusterService)),
+        keys.NODES_PREFIX: ("nodes", keys.nodes_key_prefix(cluster), wire.decoder_for(wire.Node)),
+        keys.IPCACHE_PREFIX: ("ip", keys.ipcache_key_prefix(), wire.decoder_for(wire.IPIdentityPair)),
+        keys.IDENTITIES_PREFIX: ("identities", keys.identities_key_prefix(), lambda key, data: data.decode()),
+        keys.SERVICES_PREFIX: ("services", keys.services_key_prefix(cluster), wire.decoder_for(wire.ClusterService)),
     }
     rows: list[tuple[str, str, str]] = []
     try:
-        for prefix, (key_prefix, decode) in decoders.items():
+        for prefix, (what, key_prefix, decode) in decoders.items():
             store: WatchStore[object] = WatchStore(
                 prefix=key_prefix, decode=decode, synced_canary=keys.synced_key(cluster, prefix)
             )
@@ -209,7 +209,7 @@ async def read_as_remote(config: EtcdConfig, cluster: str) -> list[tuple[str, st
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             for key, value in sorted(store.entries.items()):
-                rows.append((prefix.rsplit("/", 2)[-2], key[len(key_prefix) :], _summary(value)))
+                rows.append((what, key.removeprefix(key_prefix), _summary(value)))
         try:
             await backend.put(keys.node_key(cluster, "intruder"), b"{}")
             rows.append(("write", "refused?", "NO: the remote user could write"))

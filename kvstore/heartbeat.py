@@ -3,7 +3,8 @@
 The writer (the cluster's apiserver) puts the current time (RFC 3339) at `cilium/.heartbeat` every minute, on a
 lease. A reader (an agent watching a remote cluster) notes when it last saw the key change, by its own clock (the
 value is not trusted: clocks differ between clusters), and calls the cluster stale when that is more than two
-minutes ago. A stale cluster is not ready, whatever its watchers say.
+minutes ago. A stale cluster is not ready, whatever its watchers say. A beat is a new value: reading the same value
+again (a reconnect's first read, after a session ended because nothing beat) proves nothing, and does not count.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class HeartbeatReader:
         self.max_age = max_age
         self.last_seen: float | None = None
         self.last_value: str = ""
+        #: How many different values were seen.
+        self.beats = 0
         self._started: float | None = None
         #: Set each time a beat is seen; a waiter clears it first.
         self.changed = asyncio.Event()
@@ -76,8 +79,12 @@ class HeartbeatReader:
         return age is not None and age > self.max_age
 
     def _seen(self, value: bytes) -> None:
+        text = value.decode(errors="replace")
+        if self.last_seen is not None and text == self.last_value:
+            return  # the same beat read again: the writer has not written since
         self.last_seen = self.clock()
-        self.last_value = value.decode(errors="replace")
+        self.last_value = text
+        self.beats += 1
         self.changed.set()
 
     async def run(self, backend: Backend) -> None:

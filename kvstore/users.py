@@ -70,15 +70,15 @@ async def _ensure_user(admin: UserAdmin, user: str, role: str, existing: list[st
 def remote_grants(cluster: str) -> list[tuple[str, bool, bool]]:
     """What a remote cluster's agents may read in `cluster`'s etcd: (key, is prefix, write)."""
     return [
-        (f"{keys.STATE_PREFIX}/", True, False),
+        (keys.state_key_prefix(), True, False),
         (keys.cluster_config_key(cluster), False, False),
-        (f"{keys.SYNCED_PREFIX}/{cluster}/", True, False),
+        (keys.synced_key_prefix(cluster), True, False),
         (keys.HEARTBEAT_KEY, True, False),  # as a prefix, like Cilium: a reader lists and watches it
     ]
 
 
 def agent_grants() -> list[tuple[str, bool, bool]]:
-    grants = [("cilium/", True, False), (f"{keys.REGISTRY_PREFIX}/", True, False)]
+    grants = [(keys.CILIUM_PREFIX, True, False), (keys.registry_prefix(), True, False)]
     grants += [(keys.registry_kind_prefix(kind), True, True) for kind in keys.AGENT_WRITTEN_KINDS]
     return grants
 

@@ -14,6 +14,10 @@ One `run(backend)` is one session with one connection:
 A value that does not decode (or that the decoder rejects: wrong cluster, identity out of range, ...) is an error for
 its key alone: counted by reason, logged, and otherwise ignored. As in Cilium, an entry that was valid before keeps
 its last valid value. Unchanged values (an etcd restart re-lists everything) are not passed on.
+
+A decoded value then passes `admit` (ownership of addresses, which depends on other entries): a value it refuses
+with `NotOwned` is held, named in `rejected`, and admitted by `recheck()` once it fits; `recheck(entries=True)` also
+takes back admitted entries that no longer fit, and `evict` takes back one.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
-from clustermesh.model.errors import InvalidValue
+from clustermesh.model.errors import InvalidValue, NotOwned
 from kvstore import errors
 from kvstore.backend import Backend, Delete, Event, wait_for_key
 from kvstore.metrics import KVStoreMetrics
@@ -37,6 +41,7 @@ T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
 
 Decode = Callable[[str, bytes], T]
+Admit = Callable[[str, T], None]
 
 
 class Observer(Protocol[T_contra]):
@@ -64,9 +69,12 @@ class WatchStore(Generic[T]):
         metrics: KVStoreMetrics | None = None,
         on_batch: Callable[[float], None] | None = None,
         on_rejected: Callable[[str, str], None] | None = None,
+        admit: Admit[T] | None = None,
     ) -> None:
         self.prefix = prefix
         self.decode = decode
+        #: Raises `NotOwned` (held) or `InvalidValue` (rejected) for a decoded value that may not be used now.
+        self.admit = admit
         self.observer = observer
         self.name = name or prefix
         self.synced_canary = synced_canary
@@ -78,6 +86,9 @@ class WatchStore(Generic[T]):
         self.entries: dict[str, T] = {}
         #: key -> reason, for keys whose current value was rejected (shown in status)
         self.rejected: dict[str, str] = {}
+        #: key -> decoded value, for values `admit` refused with NotOwned: `recheck` tries them again
+        self.held: dict[str, T] = {}
+        self._recheck_after_list = False
         self.rejected_total = 0
         self.revision = 0
         self.relists = 0
@@ -144,7 +155,11 @@ class WatchStore(Generic[T]):
                 self._delete(key)
             for key in [key for key in self.rejected if key not in seen]:
                 del self.rejected[key]
+                self.held.pop(key, None)
         self.revision = revision
+        if self._recheck_after_list:
+            self._recheck_after_list = False
+            self.recheck(entries=True)
         self.synced.set()
         self.live.set()
         self._flush_metrics()
@@ -163,7 +178,9 @@ class WatchStore(Generic[T]):
         for event in batch:
             if isinstance(event, Delete):
                 self._delete(event.key)
-                self.rejected.pop(event.key, None)
+                if self.rejected:
+                    self.rejected.pop(event.key, None)
+                    self.held.pop(event.key, None)
             else:
                 self._upsert(event.key, event.value)
             self.revision = max(self.revision, event.revision)
@@ -178,9 +195,20 @@ class WatchStore(Generic[T]):
             return None
         if self.rejected:
             self.rejected.pop(key, None)
+            self.held.pop(key, None)
         entries = self.entries
         if key in entries and entries[key] == value:
             return None
+        if self.admit is not None:
+            try:
+                self.admit(key, value)
+            except NotOwned as exc:
+                self.held[key] = value
+                self._reject(key, exc.reason)
+                return None
+            except InvalidValue as exc:
+                self._reject(key, exc.reason)
+                return None
         entries[key] = value
         self._upserts += 1
         return value
@@ -197,6 +225,53 @@ class WatchStore(Generic[T]):
         self._deletes += 1
         if self.observer is not None:
             self.observer.on_delete(key, old)
+
+    # --- ownership changed
+
+    def recheck(self, *, entries: bool = False) -> None:
+        """Admit the held values that fit now; with `entries`, first take back admitted entries that no longer do."""
+        admit = self.admit
+        if admit is None:
+            return
+        if entries:
+            for key, value in list(self.entries.items()):
+                try:
+                    admit(key, value)
+                except InvalidValue as exc:
+                    self._take_back(key, exc.reason)
+        for key, value in list(self.held.items()):
+            try:
+                admit(key, value)
+            except InvalidValue as exc:
+                if self.rejected.get(key) != exc.reason:
+                    self._reject(key, exc.reason)
+                continue
+            del self.held[key]
+            self.rejected.pop(key, None)
+            log.info("watch store %s: admitted %s", self.name, key)
+            self.entries[key] = value
+            self._upserts += 1
+            if self.observer is not None:
+                self.observer.on_upsert(key, value)
+        self._flush_metrics()
+
+    def recheck_after_list(self) -> None:
+        """`recheck(entries=True)` once the list that is coming is complete: the list admits every value it
+        brings, and what it does not bring is checked after it (taking a stale value back now would flap it)."""
+        self._recheck_after_list = True
+
+    def evict(self, key: str, reason: str) -> None:
+        """Take back an admitted entry (another claim won its addresses); it is held for a later `recheck`."""
+        self._take_back(key, reason)
+        self._flush_metrics()
+
+    def _take_back(self, key: str, reason: str) -> None:
+        value = self.entries.get(key)
+        if value is None:
+            return
+        self._delete(key)
+        self.held[key] = value
+        self._reject(key, reason)
 
     def _reject(self, key: str, reason: str) -> None:
         self.rejected[key] = reason
@@ -222,6 +297,7 @@ class WatchStore(Generic[T]):
         for key in list(self.entries):
             self._delete(key)
         self.rejected.clear()
+        self.held.clear()
         self.synced.clear()
         self._flush_metrics()
 

@@ -6,7 +6,7 @@ other keys (DESIGN section 4: a malformed value is an error for that key alone).
 
 from __future__ import annotations
 
-__all__ = ["InvalidClusterInfo", "InvalidValue", "ModelError"]
+__all__ = ["InvalidClusterInfo", "InvalidValue", "ModelError", "NotOwned"]
 
 
 class ModelError(ValueError):
@@ -20,6 +20,16 @@ class InvalidValue(ModelError):
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
+
+
+class NotOwned(InvalidValue):
+    """A well-formed value that names addresses its cluster does not own, now. Its reader holds the decoded
+    `value` and admits it again when ownership changes (the node that brings its pod CIDR arrives, a conflicting
+    claim goes away)."""
+
+    def __init__(self, key: str, reason: str, value: object) -> None:
+        super().__init__(key, reason)
+        self.value = value
 
 
 class InvalidClusterInfo(ModelError):

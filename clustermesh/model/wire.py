@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
+from clustermesh.model import keys
 from clustermesh.model.addresses import ip_version
 from clustermesh.model.errors import InvalidValue
 
@@ -128,7 +129,7 @@ class Node(Struct, frozen=True, kw_only=True):
 
     def key_name(self) -> str:
         """The key below `cilium/state/nodes/v1/`: `<cluster>/<name>` (STABLE API)."""
-        return f"{self.Cluster}/{self.Name}"
+        return keys.node_key(self.Cluster, self.Name).removeprefix(f"{keys.NODES_PREFIX}/")
 
     def addresses_of(self, kind: str) -> list[str]:
         return [address.IP for address in self.IPAddresses or () if address.Type == kind]
@@ -167,8 +168,7 @@ class IPIdentityPair(Struct, frozen=True, kw_only=True):
         """`<ip>` for a host entry, `<ip>/<prefix length>` for a CIDR entry (STABLE API)."""
         if self.Mask is None:
             return self.IP
-        ones = sum(bin(byte).count("1") for byte in self.Mask)
-        return f"{self.IP}/{ones}"
+        return keys.ip_key_name(self.IP, sum(bin(byte).count("1") for byte in self.Mask))
 
     @property
     def namespace(self) -> str:
@@ -250,7 +250,7 @@ class ClusterService(Struct, frozen=True, kw_only=True):
 
     def key_name(self) -> str:
         """`<cluster>/<namespace>/<name>` (STABLE API)."""
-        return f"{self.cluster}/{self.namespace}/{self.name}"
+        return f"{self.cluster}/{keys.service_key_name(self.namespace, self.name)}"
 
 
 # --- cluster-config: cilium/cluster-config/<cluster>

@@ -51,9 +51,7 @@ _encoder = msgspec.json.Encoder()
 
 
 def registry_key(kind: Kind, name: str, namespace: str | None = None) -> str:
-    if kind.namespaced:
-        return f"{keys.registry_kind_prefix(kind.plural)}{namespace or 'default'}/{name}"
-    return f"{keys.registry_kind_prefix(kind.plural)}{name}"
+    return keys.registry_key(kind.plural, name, (namespace or "default") if kind.namespaced else None)
 
 
 def _stored_metadata(value: bytes) -> dict[str, Any]:
@@ -127,10 +125,13 @@ class StandaloneStore:
     def _stub(self, kind: Kind, key: str, revision: int) -> Object:
         """What a DELETED event carries: the object's identity (the value is gone with the key)."""
         self.skipped.pop(key, None)
-        parts = key[len(keys.registry_kind_prefix(kind.plural)) :].split("/")
-        metadata: dict[str, Any] = {"name": parts[-1], "resourceVersion": str(revision)}
-        if kind.namespaced and len(parts) == 2:
-            metadata["namespace"] = parts[0]
+        try:
+            namespace, name = keys.parse_registry_key(kind.plural, key, namespaced=kind.namespaced)
+        except ModelError:  # written by hand under a path no object lives at: say what we can
+            namespace, name = None, key.rsplit("/", 1)[-1]
+        metadata: dict[str, Any] = {"name": name, "resourceVersion": str(revision)}
+        if namespace is not None:
+            metadata["namespace"] = namespace
         return {"apiVersion": kind.api_version, "kind": kind.name, "metadata": metadata}
 
     async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Object | None:

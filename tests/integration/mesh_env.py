@@ -22,6 +22,7 @@ from agent.mesh import Mesh
 from agent.view import Change, MergedView
 from apiserver.server import Apiserver, ApiserverConfig
 from clustermesh.kubectl import apply_objects, delete_objects
+from clustermesh.model import wire
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
 from clustermesh.resources.standalone import StandaloneStore
@@ -39,7 +40,7 @@ kind: CiliumNode
 metadata: {{name: {cluster}-n{index}}}
 spec:
   addresses: [{{type: InternalIP, ip: {ip}}}]
-  ipam: {{podCIDRs: [10.{index}.0.0/24]}}
+  ipam: {{podCIDRs: [10.{cluster.removeprefix("c")}.{index}.0/24]}}
 """
 
 
@@ -294,6 +295,17 @@ class Agent:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
+def own_node(local: MeshCluster) -> wire.Node:
+    """The agent's own node as its settings would describe it (`node(local.name, 1, ...)`)."""
+    return wire.Node(
+        Name=f"{local.name}-n1",
+        Cluster=local.name,
+        ClusterID=local.id,
+        IPAddresses=[wire.Address(Type="InternalIP", IP=f"192.168.{local.id}.11")],
+        IPv4AllocCIDR=wire.ip_net(f"10.{local.id}.1.0/24"),
+    )
+
+
 async def start_agent(
     local: MeshCluster, config_dir: Path, *, cache_ttl: float = 0.0, heartbeat_max_age: float = 120.0
 ) -> Agent:
@@ -306,6 +318,7 @@ async def start_agent(
         heartbeat_max_age=heartbeat_max_age,
         scan_interval=0.1,
         refused_retry=0.3,
+        own_node=own_node(local),
     )
     recorder = ViewRecorder(mesh.view)
     task = asyncio.create_task(mesh.run(), name=f"mesh-{local.name}")

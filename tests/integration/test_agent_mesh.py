@@ -18,6 +18,8 @@ import certs
 from agent.main import LocalServices
 from agent.view import MergedView
 from clustermesh.daemon.tasks import cancel_and_wait
+from clustermesh.model import wire
+from clustermesh.model.admission import Claimant
 from clustermesh.model.kinds import kind_by_name
 from clustermesh.resources.informing import Informer
 from clustermesh.resources.standalone import StandaloneStore
@@ -132,7 +134,7 @@ async def test_a_remote_cluster_joins_the_merged_view(mesh: dict[str, MeshCluste
 
 async def test_affinity_local_prefers_local_backends(mesh: dict[str, MeshCluster], tmp_path: Path) -> None:
     await mesh["c1"].apply(service(["10.1.1.10"], affinity="local"))
-    await mesh["c2"].apply(service(["10.2.1.10"]))
+    await mesh["c2"].apply(service(["10.2.1.10"]) + "---" + node("c2", 1, "192.168.2.11"))
     agent = await connected(mesh, tmp_path)
     # the agent's informer of its cluster's Services: their affinity annotation reaches the view through it
     local = await etcd.connect(mesh["c1"].config("agent-c1"))
@@ -205,9 +207,10 @@ async def test_remote_etcd_wiped_and_refilled(mesh: dict[str, MeshCluster], tmp_
         c2.process.wipe()
         c2.process.start()
         await c2.init_users(["c1", "c3"])
-        # The sources are refilled without one node and one endpoint (they were lost with the data).
+        # The sources are refilled without one node and its endpoint (they were lost with the data).
         await c2.apply(C2_STATE.replace(node("c2", 2, "192.168.2.12") + "---", "").replace(
-            "---" + endpoint("e2", "10.2.2.10", 2 * 65536 + 256), ""))  # fmt: skip
+            "---" + endpoint("e2", "10.2.2.10", 2 * 65536 + 256), "").replace(
+            service(["10.2.1.10", "10.2.2.10"]), service(["10.2.1.10"])))  # fmt: skip
         await agent.recorder.wait_for(lambda v: v.ipcache("10.2.2.10") is None and "c2/c2-n2" not in v.nodes, 30)
         await agent.wait_status(lambda s: s.ready, 30)
         assert sorted(agent.recorder.deletes()) == ["10.2.2.10", "c2/c2-n2"]
@@ -248,28 +251,48 @@ async def test_a_rogue_remote_damages_nothing_but_its_own_entries(mesh: dict[str
                 PutOp("cilium/state/identities/v1/id/131400", b"k8s:app=x;k8s:io.cilium.k8s.policy.cluster=c1;"),
                 # malformed JSON
                 PutOp("cilium/state/services/v1/c2/shop/broken", b"{nope"),
+                # hijacks: a node claiming c1's node's pod CIDR, one claiming everything, one taking c1's node IP
+                PutOp("cilium/state/nodes/v1/c2/thief", hijacker("thief", "10.1.1.0/24", "192.168.2.66")),
+                PutOp("cilium/state/nodes/v1/c2/default", hijacker("default", "0.0.0.0/0", "192.168.2.67")),
+                PutOp("cilium/state/nodes/v1/c2/twin", hijacker("twin", "10.2.7.0/24", "192.168.1.11")),
+                # an endpoint of c2's range inside c1's pod CIDR, and a service whose backend is a c1 pod
+                PutOp("cilium/state/ip/v1/default/10.1.1.77",
+                      b'{"IP":"10.1.1.77","Mask":null,"HostIP":"","ID":131328,"Key":0,"Metadata":""}'),
+                PutOp("cilium/state/services/v1/c2/shop/stolen",
+                      b'{"cluster":"c2","namespace":"shop","name":"stolen","frontends":{},'
+                      b'"backends":{"10.1.1.10":{"http":{"Protocol":"TCP","Port":80}}},"labels":{},"selector":{},'
+                      b'"includeExternal":false,"shared":true,"clusterID":2}'),
                 # and one good entry, which must flow
-                PutOp("cilium/state/ip/v1/default/10.2.9.9",
-                      b'{"IP":"10.2.9.9","Mask":null,"HostIP":"","ID":131328,"Key":0,"Metadata":""}'),
+                PutOp("cilium/state/ip/v1/default/10.2.1.99",
+                      b'{"IP":"10.2.1.99","Mask":null,"HostIP":"","ID":131328,"Key":0,"Metadata":""}'),
             ]
         )  # fmt: skip
-        await agent.recorder.wait_for(lambda v: v.ipcache("10.2.9.9") is not None)
-        await agent.wait_status(lambda s: sum(agent.cluster("c2").rejected.values()) == 5)
+        await agent.recorder.wait_for(lambda v: v.ipcache("10.2.1.99") is not None)
+        await agent.wait_status(lambda s: sum(agent.cluster("c2").rejected.values()) == 10)
         c2 = agent.cluster("c2")
-        reasons = dict(c2.rejected_keys)
+        reasons = dict(agent.mesh.remotes["c2"].rejected_reasons())
         assert reasons["cilium/state/nodes/v1/c2/evil"].startswith("cluster name mismatch")
         assert reasons["cilium/state/ip/v1/default/10.9.9.9"].startswith("identity out of range")
         assert reasons["cilium/state/identities/v1/id/70000"].startswith("identity out of range")
         assert reasons["cilium/state/identities/v1/id/131400"].startswith("cluster label mismatch")
         assert reasons["cilium/state/services/v1/c2/shop/broken"].startswith("malformed JSON")
+        assert reasons["cilium/state/nodes/v1/c2/thief"].startswith("pod CIDR conflict: 10.1.1.0/24 overlaps")
+        assert reasons["cilium/state/nodes/v1/c2/default"].startswith("pod CIDR outside the mesh: 0.0.0.0/0")
+        assert reasons["cilium/state/nodes/v1/c2/twin"].startswith("node address conflict: 192.168.1.11")
+        assert reasons["cilium/state/ip/v1/default/10.1.1.77"].startswith("address not owned: 10.1.1.77")
+        assert reasons["cilium/state/services/v1/c2/shop/stolen"].startswith("address not owned: backend 10.1.1.10")
         view = agent.mesh.view
         assert "c2/evil" not in view.nodes and "c1/evil" not in view.nodes
+        assert not {"c2/thief", "c2/default", "c2/twin"} & set(view.nodes)
         assert view.ipcache("10.9.9.9") is None and 70000 not in view.identities and 131400 not in view.identities
+        assert view.ipcache("10.1.1.77") is None and "shop/stolen" not in view.services
+        assert agent.mesh.ownership.owner("10.1.1.5") == Claimant("c1", "c1-n1"), "c1's pod CIDR is still c1's"
         assert c2.ready, "rejected entries are named, but the cluster keeps serving the rest"
         sample = agent.mesh.registry.get_sample_value
         agent.mesh.refresh_metrics()
         assert sample("clustermesh_remote_cluster_rejected_entries", {"cluster": "c2", "kind": "identities"}) == 2
-        assert sample("clustermesh_remote_cluster_rejected_entries", {"cluster": "c2", "kind": "endpoints"}) == 1
+        assert sample("clustermesh_remote_cluster_rejected_entries", {"cluster": "c2", "kind": "endpoints"}) == 2
+        assert sample("clustermesh_remote_cluster_rejected_entries", {"cluster": "c2", "kind": "nodes"}) == 4
     finally:
         await rogue.close()
         await agent.stop()
@@ -289,6 +312,13 @@ async def where_is(cluster: MeshCluster, key: str) -> str:
         f"{key}: in etcd: {entry is not None}; apiserver wants it: {key in store.held()}; "
         f"its ip store pending: {store.pending()}"
     )
+
+
+def hijacker(name: str, pod_cidr: str, ip: str) -> bytes:
+    """A c2 node, well-formed in every field, that claims `pod_cidr` and `ip`."""
+    node = wire.Node(Name=name, Cluster="c2", ClusterID=2, IPAddresses=[wire.Address(Type="InternalIP", IP=ip)],
+                     IPv4AllocCIDR=wire.ip_net(pod_cidr))  # fmt: skip
+    return wire.encode(node)
 
 
 def mesh_node(name: str, cluster: str, cluster_id: int) -> bytes:
@@ -466,6 +496,7 @@ async def test_the_local_etcd_must_agree_on_the_cluster_id(mesh: dict[str, MeshC
 
 
 async def test_view_subscribers_see_changes_in_order(mesh: dict[str, MeshCluster], tmp_path: Path) -> None:
+    await mesh["c2"].apply(node("c2", 3, "192.168.2.13"))  # the node whose pod CIDR holds the endpoints
     agent = await connected(mesh, tmp_path)
     try:
         for i in range(20):
