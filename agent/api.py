@@ -1,15 +1,18 @@
 """The agent's local API, on a unix socket (nothing on the network): status, and endpoints for the CNI plugin.
 
-GET    /v1/status                    the AgentStatus as JSON; ?wait=SECONDS waits until ready (or the time is up)
+GET    /v1/status                    the AgentStatus (`clustermesh.model.api`); ?wait=SECONDS waits until ready
 GET    /v1/view                      counts and keys of the merged view (for debugging)
 POST   /v1/endpoints                 {"namespace", "name", "labels", "ipv4", "ipv6"} -> the CiliumEndpoint
 DELETE /v1/endpoints/<ns>/<name>
+POST   /v1/cni/add|del|check         a PodRequest -> the CNI result, or an error
+
+Every error is an `ApiError` document with a reason code: `starting` (the agent's store is not there yet: retry),
+`no-datapath`, `invalid`, `not-found`, `conflict`, `unavailable` (retry), `exhausted`, `datapath`, `internal`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -19,10 +22,47 @@ from agent.datapath.netlink import DatapathError
 from agent.datapath.pods import PodNetwork
 from agent.endpoints import EndpointManager, EndpointRequest, InvalidRequest
 from agent.mesh import Mesh
-from clustermesh.daemon.http import Request, Response, Route, json_response
-from clustermesh.resources.store import ResourceError
+from clustermesh.daemon.http import Request, Response, Route
+from clustermesh.model.api import ApiError, DatapathStatus, PodRequest
+from clustermesh.resources.store import Conflict, NotFound, ResourceError, Unavailable
 
 __all__ = ["routes"]
+
+_ENCODER = msgspec.json.Encoder()
+_POD_REQUEST = msgspec.json.Decoder(PodRequest)
+
+
+def respond(status: int, document: Any) -> Response:
+    return status, "application/json", _ENCODER.encode(document) + b"\n"
+
+
+def fail(status: int, reason: str, message: str) -> Response:
+    return respond(status, ApiError(message, reason))
+
+
+def _store_error(exc: ResourceError) -> Response:
+    reason = (
+        "not-found"
+        if isinstance(exc, NotFound)
+        else "conflict"
+        if isinstance(exc, Conflict)
+        else "unavailable"
+        if isinstance(exc, Unavailable)
+        else "invalid"
+        if exc.code == 422
+        else "internal"
+    )
+    return fail(exc.code, reason, str(exc))
+
+
+def _pod_request(request: Request) -> PodRequest:
+    try:
+        pod = _POD_REQUEST.decode(request.body or b"null")
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvalidRequest(f"not a pod request: {exc}") from None
+    if not pod.containerID:
+        raise InvalidRequest("containerID is required")
+    return pod
 
 
 def routes(
@@ -31,23 +71,52 @@ def routes(
     *,
     pods: PodNetwork | None = None,
     supernets: list[str] | None = None,
-    datapath: Callable[[], dict[str, Any]] | None = None,
+    datapath: Callable[[], DatapathStatus] | None = None,
 ) -> dict[str, Route]:
+    def needs_manager(handler: Callable[[Request, EndpointManager], Awaitable[Response]]) -> Route:
+        """The handler, once the agent's store is there; `starting` before (the caller retries)."""
+
+        async def route(request: Request) -> Response:
+            manager = endpoints()
+            if manager is None:
+                return fail(503, "starting", "the agent is still starting: its ResourceStore is not there yet")
+            try:
+                return await handler(request, manager)
+            except InvalidRequest as exc:
+                return fail(400, "invalid", str(exc))
+            except ResourceError as exc:
+                return _store_error(exc)
+
+        return route
+
+    def needs_pods(handler: Callable[[Request, EndpointManager, PodNetwork], Awaitable[Response]]) -> Route:
+        async def with_pods(request: Request, manager: EndpointManager) -> Response:
+            if pods is None:
+                return fail(503, "no-datapath", "this agent runs without a datapath (--datapath none)")
+            try:
+                return await handler(request, manager, pods)
+            except IPAMExhausted as exc:
+                return fail(507, "exhausted", f"datapath: {exc}")
+            except (DatapathError, OSError) as exc:
+                return fail(500, "datapath", f"datapath: {exc}")
+
+        return needs_manager(with_pods)
+
     async def status(request: Request) -> Response:
         wait = request.query.get("wait")
         if wait:
             try:
                 seconds = min(float(wait), 3600.0)
             except ValueError:
-                return json_response(400, {"error": f"wait={wait!r} is not a number of seconds"})
+                return fail(400, "invalid", f"wait={wait!r} is not a number of seconds")
             await mesh.wait_ready(seconds)
-        document = msgspec.to_builtins(mesh.status())
+        document = mesh.status()
         if datapath is not None:
-            document["datapath"] = datapath()
-        return json_response(200, document)
+            document.datapath = datapath()
+        return respond(200, document)
 
     async def view(request: Request) -> Response:
-        return json_response(
+        return respond(
             200,
             {
                 "nodes": sorted(mesh.view.nodes),
@@ -65,66 +134,38 @@ def routes(
             },
         )
 
-    async def create_endpoint(request: Request) -> Response:
-        manager = endpoints()
-        if manager is None:
-            return json_response(503, {"error": "the agent is still starting: no ResourceStore yet"})
+    async def create_endpoint(request: Request, manager: EndpointManager) -> Response:
         try:
-            wanted = EndpointRequest.parse(request.json())
-            created = await manager.create(wanted)
-        except (InvalidRequest, json.JSONDecodeError) as exc:
-            return json_response(400, {"error": str(exc)})
-        except ResourceError as exc:
-            return json_response(exc.code, {"error": str(exc)})
-        return json_response(201, created)
+            document = request.json()
+        except ValueError as exc:
+            raise InvalidRequest(f"the body is not JSON: {exc}") from None
+        created = await manager.create(EndpointRequest.parse(document))
+        return respond(201, created)
 
-    async def delete_endpoint(request: Request) -> Response:
-        manager = endpoints()
-        if manager is None:
-            return json_response(503, {"error": "the agent is still starting"})
+    async def delete_endpoint(request: Request, manager: EndpointManager) -> Response:
         parts = request.path.removeprefix("/v1/endpoints/").split("/")
         if len(parts) != 2 or not all(parts):
-            return json_response(400, {"error": "use DELETE /v1/endpoints/<namespace>/<name>"})
-        try:
-            found = await manager.delete(parts[0], parts[1])
-        except ResourceError as exc:
-            return json_response(exc.code, {"error": str(exc)})
-        return json_response(200 if found else 404, {"deleted": found})
+            raise InvalidRequest("use DELETE /v1/endpoints/<namespace>/<name>")
+        found = await manager.delete(parts[0], parts[1])
+        return respond(200 if found else 404, {"deleted": found})
 
-    def _pod_request(request: Request) -> dict[str, Any]:
-        body = request.json()
-        if not isinstance(body, dict) or not body.get("containerID"):
-            raise InvalidRequest("containerID is required")
-        return body
-
-    async def cni_add(request: Request) -> Response:
-        manager = endpoints()
-        if pods is None:
-            return json_response(503, {"error": "this agent runs without a datapath (--datapath none)"})
-        if manager is None:
-            return json_response(503, {"error": "the agent is still starting: no ResourceStore yet"})
+    async def cni_add(request: Request, manager: EndpointManager, pods: PodNetwork) -> Response:
+        pod = _pod_request(request)
+        if not pod.netns:
+            raise InvalidRequest("netns is required for ADD")
+        attachment = await pods.add(pod.containerID, pod.netns, pod.ifname or "eth0")
         try:
-            body = _pod_request(request)
-            if not body.get("netns"):
-                raise InvalidRequest("netns is required for ADD")
-            attachment = await pods.add(body["containerID"], body["netns"], body.get("ifname") or "eth0")
-            try:
-                wanted = EndpointRequest.parse({"namespace": body.get("namespace"), "name": body.get("name"),
-                                                "labels": body.get("labels") or {}, "ipv4": attachment.ip})  # fmt: skip
-                created = await manager.create(wanted)
-            except BaseException:
-                await pods.delete(body["containerID"])
-                raise
-        except (InvalidRequest, json.JSONDecodeError) as exc:
-            return json_response(400, {"error": str(exc)})
-        except ResourceError as exc:
-            return json_response(exc.code, {"error": str(exc)})
-        except (DatapathError, IPAMExhausted, OSError) as exc:
-            return json_response(500, {"error": f"datapath: {exc}"})
-        return json_response(
+            wanted = EndpointRequest.parse(
+                {"namespace": pod.namespace, "name": pod.name, "labels": pod.labels, "ipv4": attachment.ip}
+            )
+            created = await manager.create(wanted)
+        except BaseException:
+            await pods.delete(pod.containerID)
+            raise
+        return respond(
             200,
             {
-                "interfaces": [{"name": attachment.interface, "mac": attachment.mac, "sandbox": body["netns"]}],
+                "interfaces": [{"name": attachment.interface, "mac": attachment.mac, "sandbox": pod.netns}],
                 "ips": [{"address": f"{attachment.ip}/32", "gateway": attachment.gateway, "interface": 0}],
                 "routes": [{"dst": supernet, "gw": attachment.gateway} for supernet in supernets or []],
                 "dns": {},
@@ -132,39 +173,26 @@ def routes(
             },
         )
 
-    async def cni_del(request: Request) -> Response:
-        manager = endpoints()
-        if pods is None or manager is None:
-            return json_response(503, {"error": "the agent is not ready for pods"})
-        try:
-            body = _pod_request(request)
-            if body.get("name"):
-                await manager.delete(str(body.get("namespace") or "default"), str(body["name"]))
-            released = await pods.delete(body["containerID"])
-        except (InvalidRequest, json.JSONDecodeError) as exc:
-            return json_response(400, {"error": str(exc)})
-        except ResourceError as exc:
-            return json_response(exc.code, {"error": str(exc)})
-        except DatapathError as exc:
-            return json_response(500, {"error": f"datapath: {exc}"})
-        return json_response(200, {"released": released})
+    async def cni_del(request: Request, manager: EndpointManager, pods: PodNetwork) -> Response:
+        pod = _pod_request(request)
+        if pod.name:
+            await manager.delete(pod.namespace or "default", pod.name)
+        released = await pods.delete(pod.containerID)
+        return respond(200, {"released": released})
 
-    async def cni_check(request: Request) -> Response:
-        if pods is None:
-            return json_response(503, {"error": "this agent runs without a datapath"})
-        try:
-            body = _pod_request(request)
-            problems = await pods.check(body["containerID"], body.get("netns", ""), body.get("ifname") or "eth0")
-        except (InvalidRequest, json.JSONDecodeError) as exc:
-            return json_response(400, {"error": str(exc)})
-        return json_response(200 if not problems else 409, {"problems": problems})
+    async def cni_check(request: Request, manager: EndpointManager, pods: PodNetwork) -> Response:
+        pod = _pod_request(request)
+        problems = await pods.check(pod.containerID, pod.netns, pod.ifname or "eth0")
+        if problems:
+            return fail(409, "conflict", "; ".join(problems))
+        return respond(200, {"problems": []})
 
     return {
-        "POST /v1/cni/add": cni_add,
-        "POST /v1/cni/del": cni_del,
-        "POST /v1/cni/check": cni_check,
+        "POST /v1/cni/add": needs_pods(cni_add),
+        "POST /v1/cni/del": needs_pods(cni_del),
+        "POST /v1/cni/check": needs_pods(cni_check),
         "/v1/status": status,
         "/v1/view": view,
-        "POST /v1/endpoints": create_endpoint,
-        "DELETE /v1/endpoints/*": delete_endpoint,
+        "POST /v1/endpoints": needs_manager(create_endpoint),
+        "DELETE /v1/endpoints/*": needs_manager(delete_endpoint),
     }

@@ -7,6 +7,7 @@ writes the CiliumEndpoint into the cluster's ResourceStore; the apiserver publis
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -65,10 +66,26 @@ class EndpointRequest:
 
 
 class EndpointManager:
-    def __init__(self, store: ResourceStore, allocator: Allocator, *, node_ip: str) -> None:
+    """Creates and deletes this node's CiliumEndpoints. An address outside the node's pod CIDRs is refused: the rest
+    of the mesh would refuse it too (admission), and it could take another node's pod."""
+
+    def __init__(
+        self, store: ResourceStore, allocator: Allocator, *, node_ip: str, pod_cidrs: list[str] | None = None
+    ) -> None:
         self.store = store
         self.allocator = allocator
         self.node_ip = node_ip
+        self.pod_cidrs = [ipaddress.ip_network(cidr, strict=False) for cidr in pod_cidrs or []]
+
+    def check_addresses(self, request: EndpointRequest) -> None:
+        """Each address of the request must lie in one of this node's pod CIDRs (when the node has any)."""
+        if not self.pod_cidrs:
+            return
+        for ip in filter(None, (request.ipv4, request.ipv6)):
+            address = ipaddress.ip_address(ip)
+            if not any(address in cidr for cidr in self.pod_cidrs):
+                cidrs = ", ".join(map(str, self.pod_cidrs))
+                raise InvalidRequest(f"{ip} is not in this node's pod CIDRs ({cidrs})")
 
     def _object(self, request: EndpointRequest, identity: int) -> Object:
         addressing: dict[str, str] = {}
@@ -90,6 +107,7 @@ class EndpointManager:
 
     async def create(self, request: EndpointRequest) -> Object:
         """Create (or replace) the endpoint; its object, with the identity it got."""
+        self.check_addresses(request)
         identity = await self.allocator.allocate(request.labels, request.namespace)
         _, stored = await create_or_update(self.store, self._object(request, identity))
         return stored

@@ -43,6 +43,7 @@ from agent.wgkeys import load_or_create
 from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait, run_together
 from clustermesh.model import converters
+from clustermesh.model.api import DatapathStatus
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import InvalidValue, ModelError
 from clustermesh.model.kinds import Kind, Object, kind_by_name
@@ -152,15 +153,17 @@ class Agent:
     def keys_path(self) -> Path:
         return self.settings.state_dir / "wireguard.key"
 
-    def datapath_status(self) -> dict[str, Any]:
+    def datapath_status(self) -> DatapathStatus:
         if self.router is None or self.driver is None:
-            return {"driver": "none"}
-        return {
-            **self.driver.describe(),
-            "peers": sorted(self.router.applied),
-            "applies": self.router.applies,
-            "last_error": self.router.last_error or None,
-        }
+            return DatapathStatus()
+        details = {key: value for key, value in self.driver.describe().items() if key not in ("driver", "peers")}
+        return DatapathStatus(
+            driver=self.driver.name,
+            peers=sorted(self.router.applied),
+            applies=self.router.applies,
+            last_error=self.router.last_error or None,
+            details=details,
+        )
 
     def node_spec(self) -> NodeSpec:
         return NodeSpec(
@@ -201,7 +204,7 @@ class Agent:
             self.allocator = IdentityAllocator(store, self.settings.cluster)
             collector = IdentityCollector(store, self.settings.cluster, grace_period=self.settings.identity_gc_grace)
             node_ip = self.settings.node_ips[0] if self.settings.node_ips else ""
-            self.endpoints = EndpointManager(store, self.allocator, node_ip=node_ip)
+            self.endpoints = EndpointManager(store, self.allocator, node_ip=node_ip, pod_cidrs=self.settings.pod_cidrs)
             jobs: list[Coroutine[Any, Any, None]] = [
                 run_node_publisher(store, self.node_spec()),
                 self.allocator.run(),

@@ -17,16 +17,16 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 from prometheus_client import CollectorRegistry
 
-from agent.configdir import ConfigDir, ConfigEvent
+from agent.configdir import ConfigDir, ConfigEvent, files_fingerprint
 from agent.metrics import AgentMetrics
-from agent.remotes import SHORT, ClusterRegistry, Connector, RemoteCluster, RemoteStatus
+from agent.remotes import SHORT, ClusterRegistry, Connector, RemoteCluster
 from agent.view import KINDS, MergedView
 from clustermesh.daemon.tasks import cancel_and_wait
 from clustermesh.model import wire
 from clustermesh.model.admission import Ownership
+from clustermesh.model.api import AgentStatus, Problem
 from clustermesh.model.clusters import ClusterInfo
 from kvstore import etcd
 from kvstore.config import EtcdConfig
@@ -36,16 +36,6 @@ from kvstore.metrics import KVStoreMetrics
 __all__ = ["AgentStatus", "Mesh"]
 
 log = logging.getLogger(__name__)
-
-
-class AgentStatus(msgspec.Struct, kw_only=True):
-    cluster: str
-    cluster_id: int
-    node: str
-    ready: bool
-    not_ready: list[str]
-    clusters: list[RemoteStatus]
-    config_problems: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 @dataclass
@@ -194,14 +184,23 @@ class Mesh:
 
     async def run(self) -> None:
         self._start(self._make(self.local.name, None, is_local=True))
+        local_files = self._local_fingerprint()
         try:
             while True:
                 if self.config_watch is not None:
                     self.config_watch.scan()
+                if (now := self._local_fingerprint()) != local_files:
+                    local_files = now
+                    log.info("the local etcd's certificate files changed: reconnecting with them")
+                    self.on_config_event(ConfigEvent("changed", self.local.name, Path()))
                 self.refresh_metrics()
                 await asyncio.sleep(self.scan_interval)
         finally:
             await self.stop()
+
+    def _local_fingerprint(self) -> str:
+        config = self.local_config
+        return files_fingerprint(config.ca_file, config.cert_file, config.key_file)
 
     async def stop(self) -> None:
         tasks = [*self._tasks.values(), *self._watchers.values(), *self._removals.values()]
@@ -218,18 +217,23 @@ class Mesh:
                 self.metrics.rejected.labels(name, SHORT[prefix]).set(len(store.rejected))  # the names status uses
 
     def status(self) -> AgentStatus:
+        """Ready only when every configured cluster is, and every file of the config directory is used: a file
+        that is not (named after the local cluster, unreadable, invalid) is a cluster the user meant to join."""
         clusters = [
             remote.status() for _, remote in sorted(self.remotes.items(), key=lambda i: (not i[1].is_local, i[0]))
         ]
-        not_ready = [f"{c.name}: {reason}" for c in clusters for reason in c.not_ready]
+        problems = [Problem(p.code, f"{c.name}: {p.message}") for c in clusters for p in c.problems]
+        config_problems = dict(self.config_watch.problems) if self.config_watch else {}
+        problems += [Problem("config-problem", f"config file {name}: {why}") for name, why in config_problems.items()]
         return AgentStatus(
             cluster=self.local.name,
             cluster_id=self.local.id,
             node=self.node_name,
-            ready=not not_ready,
-            not_ready=not_ready,
+            ready=not problems,
+            not_ready=[problem.message for problem in problems],
+            problems=problems,
             clusters=clusters,
-            config_problems=dict(self.config_watch.problems) if self.config_watch else {},
+            config_problems=config_problems,
         )
 
     async def wait_ready(self, timeout: float) -> bool:

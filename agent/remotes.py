@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from agent.metrics import AgentMetrics
 from agent.view import Kind, MergedView
 from clustermesh.daemon.tasks import cancel_and_wait
 from clustermesh.model import keys, wire
 from clustermesh.model.admission import Ownership, RemoteDecoders, decoders_for
+from clustermesh.model.api import ClusterStatus, Problem
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
 from kvstore import errors
@@ -46,7 +45,7 @@ from kvstore.metrics import KVStoreMetrics
 from kvstore.reconnecting import Backoff
 from kvstore.watching import WatchStore
 
-__all__ = ["ClusterRegistry", "Refused", "RemoteCluster", "RemoteStatus"]
+__all__ = ["AccessDenied", "ClusterRegistry", "Refused", "RemoteCluster"]
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +61,23 @@ SHORT = {keys.NODES_PREFIX: "nodes", keys.IPCACHE_PREFIX: "endpoints", keys.IDEN
 
 
 class Refused(Exception):
-    """This cluster may not join the mesh as configured; the message says why."""
+    """This cluster may not join the mesh as configured; the message says why, `reason` is its code."""
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RemoteStale(errors.BackendUnavailable):
     reason = "heartbeat-stale"
+
+
+class AccessDenied(errors.PermissionDenied):
+    """The etcd answers but refuses what the agent must read; `reason` says which case it is."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ClusterRegistry:
@@ -79,22 +90,28 @@ class ClusterRegistry:
     def check(self, name: str, config: wire.ClusterConfig) -> ClusterInfo:
         """The remote's ClusterInfo if it may join; raise Refused with the reason otherwise."""
         if name == self.local.name:
-            raise Refused(f"name clash: {name!r} is the local cluster's name")
+            raise Refused(f"name clash: {name!r} is the local cluster's name", "refused-name-clash")
         remote_max = config.capabilities.maxConnectedClusters or 255
         if remote_max != self.local.max_connected_clusters:
             raise Refused(
                 f"maxConnectedClusters mismatch: {name} has {remote_max}, this cluster has "
-                f"{self.local.max_connected_clusters}; every cluster of a mesh must use the same value"
+                f"{self.local.max_connected_clusters}; every cluster of a mesh must use the same value",
+                "refused-max-connected-mismatch",
             )
         try:
             info = ClusterInfo(name, config.id, self.local.max_connected_clusters)
         except ModelError as exc:
-            raise Refused(f"invalid cluster-config: {exc}") from None
+            raise Refused(f"invalid cluster-config: {exc}", "refused-invalid-config") from None
         if config.id == self.local.id:
-            raise Refused(f"cluster ID clash: {name} has ID {config.id}, the local cluster {self.local.name}'s ID")
+            raise Refused(
+                f"cluster ID clash: {name} has ID {config.id}, the local cluster {self.local.name}'s ID",
+                "refused-id-clash",
+            )
         for other, other_id in self._ids.items():
             if other != name and other_id == config.id:
-                raise Refused(f"cluster ID clash: {name} has ID {config.id}, already used by {other}")
+                raise Refused(
+                    f"cluster ID clash: {name} has ID {config.id}, already used by {other}", "refused-id-clash"
+                )
         return info
 
     def reserve(self, info: ClusterInfo) -> None:
@@ -102,29 +119,6 @@ class ClusterRegistry:
 
     def release(self, name: str) -> None:
         self._ids.pop(name, None)
-
-
-class RemoteStatus(msgspec.Struct, kw_only=True):
-    """What `clustermesh status` shows for one cluster."""
-
-    name: str
-    local: bool = False
-    configured: bool = True
-    connected: bool = False
-    ready: bool = False
-    cluster_id: int | None = None
-    refused: str | None = None
-    synced: dict[str, bool] = msgspec.field(default_factory=dict)
-    counts: dict[str, int] = msgspec.field(default_factory=dict)
-    rejected: dict[str, int] = msgspec.field(default_factory=dict)
-    rejected_keys: list[tuple[str, str]] = msgspec.field(default_factory=list)
-    reconnections: int = 0
-    failures: int = 0
-    last_error: str | None = None
-    last_error_reason: str | None = None
-    last_error_age: float | None = None
-    heartbeat_age: float | None = None
-    not_ready: list[str] = msgspec.field(default_factory=list)
 
 
 @dataclass
@@ -151,7 +145,7 @@ class RemoteCluster:
         self.stores: dict[str, WatchStore[Any]] = {}
         self.heartbeat = HeartbeatReader(clock=self.clock, max_age=self.heartbeat_max_age)
         self.connected = False
-        self.refused: str | None = None
+        self.refused: Refused | None = None
         self.sessions = 0
         self.failures = 0
         self.last_error: errors.KVStoreError | Refused | None = None
@@ -163,33 +157,58 @@ class RemoteCluster:
 
     def _set_changed(self) -> None:
         self.changed.set()
+        ready = self.ready()
+        if ready and self.last_error is not None:  # recovered: a failure to come must not show this one's words
+            self.last_error = None
+            self.last_error_at = None
         if self.metrics is not None:
-            self.metrics.ready.labels(self.name).set(1 if self.ready() else 0)
+            self.metrics.ready.labels(self.name).set(1 if ready else 0)
+
+    def problems(self) -> list[Problem]:
+        """Why this cluster is not ready, most fundamental first; none when it is."""
+        found: list[Problem] = []
+        if self.refused is not None:
+            found.append(Problem(self.refused.reason, f"refused: {self.refused}"))
+        if not self.connected:
+            if self.last_error is None:
+                found.append(Problem("connecting", "not connected yet"))
+            elif self.refused is None:
+                found.append(Problem(self.last_error.reason, f"not connected: {self.last_error}"))
+            return found
+        if not self.stores:
+            found.append(Problem("connecting", "connected; reading its cluster-config"))
+        for prefix, store in self.stores.items():
+            if store.phase == "watching":
+                continue
+            what = SHORT[prefix]
+            if store.phase == "waiting-canary":
+                waiting = f"{what}: waiting for the synced canary {store.synced_canary}"
+                found.append(Problem("waiting-canary", f"{waiting} (has its apiserver finished its initial sync?)"))
+            elif store.phase == "listing":
+                found.append(Problem("listing", f"{what}: listing"))
+            elif (
+                prefix in (keys.IPCACHE_PREFIX, keys.SERVICES_PREFIX)
+                and not self.stores[keys.NODES_PREFIX].live.is_set()
+            ):
+                found.append(Problem("waiting-nodes", f"{what}: waiting for the nodes to be listed"))
+            else:
+                found.append(Problem("watch-ended", f"{what}: the watch ended"))
+        if self.heartbeat.stale():
+            age = f"not changed for {self.heartbeat.age():.0f} s (more than {self.heartbeat_max_age:.0f})"
+            found.append(Problem("heartbeat-stale", f"heartbeat stale: {age}: is its clustermesh-apiserver alive?"))
+        return found
 
     def not_ready(self) -> list[str]:
-        reasons = []
-        if self.refused:
-            reasons.append(f"refused: {self.refused}")
-        if not self.connected:
-            reasons.append("not connected" + (f": {self.last_error}" if self.last_error else ""))
-        if self.connected and not self.stores:
-            reasons.append("cluster-config not read yet")
-        for prefix, store in self.stores.items() if self.connected else ():
-            if not store.live.is_set():
-                state = "watcher stopped" if store.synced.is_set() else "not synced"
-                reasons.append(f"{SHORT[prefix]} {state}")
-        if self.connected and self.heartbeat.stale():
-            reasons.append(f"heartbeat stale ({self.heartbeat.age():.0f} s old)")
-        return reasons
+        return [problem.message for problem in self.problems()]
 
     def ready(self) -> bool:
-        return not self.not_ready()
+        return not self.problems()
 
     def rejected_reasons(self) -> list[tuple[str, str]]:
         """Every key of this cluster whose value is rejected or held, with the reason, sorted by key."""
         return sorted(item for store in self.stores.values() for item in store.rejected.items())
 
-    def status(self) -> RemoteStatus:
+    def status(self) -> ClusterStatus:
         rejected: dict[str, int] = {}
         rejected_keys: list[tuple[str, str]] = []
         for prefix, store in self.stores.items():
@@ -197,14 +216,17 @@ class RemoteCluster:
                 rejected[SHORT[prefix]] = len(store.rejected)
                 rejected_keys.extend(sorted(store.rejected.items())[:5])
         counts = self.view.counts.get(self.name, {})
-        return RemoteStatus(
+        problems = self.problems()
+        if not problems and self.last_error is not None:  # ready again (some ways back need no status change)
+            self.last_error = self.last_error_at = None
+        return ClusterStatus(
             name=self.name,
             local=self.is_local,
             connected=self.connected,
-            ready=self.ready(),
+            ready=not problems,
             cluster_id=self.info.id if self.info else None,
-            refused=self.refused,
-            synced={SHORT[p]: s.synced.is_set() for p, s in self.stores.items()},
+            refused=str(self.refused) if self.refused is not None else None,
+            synced={SHORT[p]: self.connected and s.phase == "watching" for p, s in self.stores.items()},
             counts={
                 "nodes": counts.get("node", 0),
                 "endpoints": counts.get("ipcache", 0),
@@ -216,10 +238,11 @@ class RemoteCluster:
             reconnections=max(self.sessions - 1, 0),
             failures=self.failures,
             last_error=str(self.last_error) if self.last_error else None,
-            last_error_reason=getattr(self.last_error, "reason", "refused") if self.last_error else None,
+            last_error_reason=self.last_error.reason if self.last_error else None,
             last_error_age=round(self.clock() - self.last_error_at, 1) if self.last_error_at else None,
             heartbeat_age=round(age, 1) if (age := self.heartbeat.age()) is not None else None,
-            not_ready=self.not_ready(),
+            not_ready=[problem.message for problem in problems],
+            problems=problems,
         )
 
     # --- the loop
@@ -234,27 +257,18 @@ class RemoteCluster:
         self._set_changed()
 
     async def run(self) -> None:
-        """Sessions until cancelled (kept trivial: the steps are tested)."""
+        """Sessions until cancelled; a refused cluster is tried again after `refused_retry`, a failure after the
+        backoff."""
         try:
             while True:
+                delay = None
                 try:
                     await self.session()
-                except Refused as exc:
-                    log.warning("cluster %s refused: %s", self.name, exc)
-                    self.refused = str(exc)
-                    self._failure(exc)
-                    self._schedule_drain()
-                    await asyncio.sleep(self.refused_retry)
-                    continue
-                except errors.KVStoreError as exc:
-                    log.warning("cluster %s: %s", self.name, exc)
-                    self._failure(exc)
-                    self._schedule_drain()
-                except Exception as exc:  # a bug must not stop this cluster for good: say it, and try again
-                    log.exception("cluster %s: unexpected failure", self.name)
-                    self._failure(errors.KVStoreError(f"unexpected {type(exc).__name__}: {exc}"))
-                    self._schedule_drain()
-                await asyncio.sleep(self.backoff.next())
+                except Refused:
+                    delay = self.refused_retry
+                except Exception:  # said and recorded by the session: try again
+                    pass
+                await asyncio.sleep(delay if delay is not None else self.backoff.next())
         finally:
             self._cancel_drain()
 
@@ -265,8 +279,11 @@ class RemoteCluster:
         return load_config_file(self.config_path)
 
     async def session(self) -> None:
-        backend = await self.connect(self._etcd_config())
+        """One connection: connect, check, watch until it breaks. Its failure is recorded before the cluster is
+        shown disconnected, so status never shows a new failure with an old failure's words."""
+        backend: Backend | None = None
         try:
+            backend = await self.connect(self._etcd_config())
             self.connected = True
             self._cancel_drain()
             self._set_changed()
@@ -276,36 +293,75 @@ class RemoteCluster:
             self.sessions += 1
             self.backoff.reset()
             await self._watch(backend)
+        except Refused as exc:
+            log.warning("cluster %s refused: %s", self.name, exc)
+            self.refused = exc
+            self._failure(exc)
+            raise
+        except errors.KVStoreError as exc:
+            log.warning("cluster %s: %s", self.name, exc)
+            self._failure(exc)
+            raise
+        except Exception as exc:  # a bug must not stop this cluster for good: say it, and try again
+            log.exception("cluster %s: unexpected failure", self.name)
+            self._failure(errors.KVStoreError(f"unexpected {type(exc).__name__}: {exc}"))
+            raise
         finally:
             self.connected = False
             self._set_changed()
-            await backend.close()
+            if backend is not None:
+                await backend.close()
             self._schedule_drain()
 
     async def _check_config(self, backend: Backend) -> ClusterInfo:
         key = keys.cluster_config_key(self.name)
         try:
             entry = await backend.get(key)
+        except errors.UnknownUser:
+            raise  # its words say what to do
         except errors.PermissionDenied as exc:
-            raise Refused(
-                f"cannot read {key}: the etcd at {self._etcd_config().describe()} may belong to another cluster ({exc})"
-            ) from None
+            raise await self._explain_denied(backend, key, exc) from None
         if entry is None:
-            raise Refused(f"no {key} in its etcd: is its apiserver running, and is this the right etcd?")
+            raise Refused(
+                f"no {key} in its etcd: is its apiserver running, and is this the right etcd?",
+                "refused-no-cluster-config",
+            )
         try:
             config = wire.decode(wire.ClusterConfig, key, entry.value)
         except ModelError as exc:
-            raise Refused(f"unreadable cluster-config: {exc}") from None
+            raise Refused(f"unreadable cluster-config: {exc}", "refused-invalid-config") from None
         if self.is_local:
             if config.id != self.registry.local.id:
                 raise Refused(
                     f"the local etcd's cluster-config says ID {config.id}, this agent runs with cluster ID "
-                    f"{self.registry.local.id}: check --cluster-id"
+                    f"{self.registry.local.id}: check --cluster-id",
+                    "refused-id-mismatch",
                 )
             return self.registry.local
         info = self.registry.check(self.name, config)
         self.registry.reserve(info)
         return info
+
+    async def _explain_denied(self, backend: Backend, key: str, denied: errors.PermissionDenied) -> errors.KVStoreError:
+        """A refused read of the cluster-config means one of two things: the user has no role in this etcd at all,
+        or this etcd is another cluster's (whose role grants only its own cluster-config). The heartbeat, which
+        every role of the mesh may read, tells them apart."""
+        where = self._etcd_config().describe()
+        try:
+            await backend.get(keys.HEARTBEAT_KEY)
+        except errors.PermissionDenied:
+            return AccessDenied(
+                f"the etcd at {where} grants this certificate's user no role: was `clustermesh connect` run for "
+                f"this cluster (it creates the user's role)? ({denied})",
+                "no-role",
+            )
+        except errors.KVStoreError:
+            return denied
+        return AccessDenied(
+            f"the etcd at {where} lets this user read the mesh's keys but not {key}: it holds another cluster's "
+            f"state; is its config file's endpoint {self.name}'s etcd?",
+            "wrong-cluster",
+        )
 
     def _prepare(self, info: ClusterInfo) -> None:
         """Watch stores for `info`; a cluster whose ID changed is drained first (its identities changed too)."""
@@ -349,7 +405,7 @@ class RemoteCluster:
     async def _run_store(self, prefix: str, store: WatchStore[Any], backend: Backend) -> None:
         """Nodes first: the other prefixes are admitted by the addresses the nodes claim (an endpoint listed before
         its node would be held, and admitted a moment later)."""
-        if prefix != keys.NODES_PREFIX:
+        if prefix in (keys.IPCACHE_PREFIX, keys.SERVICES_PREFIX):
             await self.stores[keys.NODES_PREFIX].live.wait()
         await store.run(backend)
 

@@ -9,7 +9,10 @@ It keeps just enough of the cluster's resources to recompute what a change affec
 - a Namespace becoming global or not -> every endpoint, identity and service in it again.
 
 A namespace is global unless annotated `clustermesh.cilium.io/global: "false"` (also when no Namespace object
-exists). An object the converters cannot handle is counted (by kind) and logged; the others go on.
+exists); with `default_global_namespace` false (Cilium's `--clustermesh-default-global-namespace=false`), only a
+namespace annotated `"true"` is. A service labelled `service.kubernetes.io/service-proxy-name` is exported only
+when the label is `service_proxy_name` (Cilium's `--k8s-service-proxy-name`; empty: only unlabelled services).
+An object the converters cannot handle is counted (by kind) and logged; the others go on.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class Exporter:
     cluster: ClusterInfo
     stores: StateStores
     registry: CollectorRegistry | None = None
+    default_global_namespace: bool = True
+    service_proxy_name: str = ""
     namespaces: dict[str, Object] = field(default_factory=dict)
     endpoints: dict[Ref, Object] = field(default_factory=dict)
     identities: dict[str, Object] = field(default_factory=dict)
@@ -90,7 +95,7 @@ class Exporter:
     _on_clustermeshremotes = _on_ciliumnetworkpolicies
 
     def is_global(self, namespace: str) -> bool:
-        return converters.is_global_namespace(self.namespaces.get(namespace))
+        return converters.is_global_namespace(self.namespaces.get(namespace), default=self.default_global_namespace)
 
     # --- nodes
 
@@ -183,7 +188,11 @@ class Exporter:
         namespace, name = ref
         service = self.services.get(ref)
         exported = None
-        if service is not None and self.is_global(namespace):
+        if (
+            service is not None
+            and self.is_global(namespace)
+            and converters.service_proxy_name(service) == self.service_proxy_name
+        ):
             slices = [s for s in self.slices.get(ref, {}).values() if converters.slice_belongs_to(s, namespace, name)]
             exported = converters.service_to_cluster_service(service, slices, self.cluster)
         if exported is None:

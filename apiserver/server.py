@@ -57,6 +57,10 @@ class ApiserverConfig:
     cluster: ClusterInfo
     lease_ttl: int = DEFAULT_TTL
     heartbeat_interval: float = 60.0
+    #: Cilium's --clustermesh-default-global-namespace: a namespace without the annotation is global.
+    default_global_namespace: bool = True
+    #: Cilium's --k8s-service-proxy-name: the services this apiserver exports carry this proxy name ("" : none).
+    service_proxy_name: str = ""
 
 
 @dataclass
@@ -95,7 +99,13 @@ class Apiserver:
             keys.IDENTITIES_PREFIX: self.stores.identities,
             keys.SERVICES_PREFIX: self.stores.services,
         }
-        self.exporter = Exporter(cluster, self.stores, registry=self.registry)
+        self.exporter = Exporter(
+            cluster,
+            self.stores,
+            registry=self.registry,
+            default_global_namespace=self.config.default_global_namespace,
+            service_proxy_name=self.config.service_proxy_name,
+        )
         self.informers: dict[str, Informer] = {
             name: Informer(self.resources, kind_by_name(name), self.exporter) for name in EXPORTED_KINDS
         }

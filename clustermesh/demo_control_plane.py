@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import certs
 from clustermesh import connecting, output
 from clustermesh.contexts import Context, ContextFile
 from clustermesh.kubectl import apply_objects, load_manifests
 from clustermesh.model import keys, wire
+from clustermesh.model.api import AgentStatus
 from clustermesh.processes.child import Child
 from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
 from clustermesh.resources.standalone import StandaloneStore
@@ -274,16 +274,16 @@ def main(workdir: Path | None = None) -> None:
                 for line in asyncio.run(_connect(contexts, source, destination)):
                     output.out.print(f"    {line}")
         output.step(f"$ clustermesh status --socket {clusters[0].socket} --wait")
-        document = asyncio.run(_status_when(clusters[0].socket, lambda d: d["ready"] and len(d["clusters"]) == 3))
-        render_status(document)
+        status = asyncio.run(_status_when(clusters[0].socket, lambda s: s.ready and len(s.clusters) == 3))
+        render_status(status)
         victim = clusters[2]
         assert victim.etcd is not None
         output.step(f"stopping the etcd of {victim.name} (pid {victim.etcd.pid}), as if its control plane died")
         victim.etcd.kill()
         output.step(f"$ clustermesh status --socket {clusters[0].socket}")
-        document = asyncio.run(_status_when(clusters[0].socket, lambda d: not d["ready"] and any(
-            c["name"] == victim.name and not c["connected"] for c in d["clusters"])))  # fmt: skip
-        render_status(document)
+        status = asyncio.run(_status_when(clusters[0].socket, lambda s: not s.ready and any(
+            c.name == victim.name and not c.connected for c in s.clusters)))  # fmt: skip
+        render_status(status)
         output.out.print(
             f"    {victim.name}'s nodes and endpoints stay in the view (traffic to it keeps flowing); status says "
             "the mesh is not ready, and why"
@@ -308,13 +308,13 @@ async def _connect(contexts: ContextFile, source: str, destination: str) -> list
         await a.backend.close()
 
 
-async def _status_when(socket: Path, condition: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> Any:
+async def _status_when(socket: Path, condition: Callable[[AgentStatus], bool], timeout: float = 60.0) -> AgentStatus:
     """The agent's status once `condition` holds on it (the agent's own --wait covers readiness only)."""
     async with asyncio.timeout(timeout):
         while True:
-            document = await fetch_status(socket, wait=5.0)
-            if condition(document):
-                return document
+            status = await fetch_status(socket, wait=5.0)
+            if condition(status):
+                return status
             await asyncio.sleep(0.2)  # another process's state: nothing to wait on but its answers
 
 

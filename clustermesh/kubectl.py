@@ -46,8 +46,16 @@ def _documents(text: str, source: str) -> Iterator[tuple[Any, str]]:
             if document is None:
                 continue
             if isinstance(document, dict) and document.get("kind") == "List":
-                for item in document.get("items") or []:
-                    yield item, f"{source} (document {number})"
+                items = document.get("items")
+                if items is None:
+                    items = []
+                if not isinstance(items, list):
+                    raise ManifestError(
+                        f"{source} (document {number}): a List's items must be a list of objects, "
+                        f"not {type(items).__name__}"
+                    )
+                for index, item in enumerate(items):
+                    yield item, f"{source} (document {number}, item {index})"
             else:
                 yield document, f"{source} (document {number})"
     except yaml.YAMLError as exc:
@@ -59,7 +67,11 @@ def load_manifests(paths: list[str]) -> list[tuple[Any, str]]:
     found: list[tuple[Any, str]] = []
     for entry in paths:
         if entry == "-":
-            found.extend(_documents(sys.stdin.read(), "stdin"))
+            try:
+                text = sys.stdin.buffer.read().decode()
+            except UnicodeDecodeError as exc:
+                raise ManifestError(f"stdin: not UTF-8 text (byte {exc.start}): is it a manifest?") from None
+            found.extend(_documents(text, "stdin"))
             continue
         path = Path(entry)
         if path.is_dir():
@@ -72,9 +84,11 @@ def load_manifests(paths: list[str]) -> list[tuple[Any, str]]:
             raise ManifestError(f"{path}: no such file or folder")
         for file in files:
             try:
-                text = file.read_text()
+                text = file.read_bytes().decode()
             except OSError as exc:
                 raise ManifestError(f"{file}: cannot read: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ManifestError(f"{file}: not UTF-8 text (byte {exc.start}): is it a manifest?") from None
             found.extend(_documents(text, str(file)))
     return found
 

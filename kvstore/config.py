@@ -98,9 +98,11 @@ class EtcdConfig:
 def load_config_file(path: Path) -> EtcdConfig:
     """Read an etcd client config in Cilium's YAML format; errors name the file and the field."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode())
     except OSError as exc:
         raise errors.BadTLSFiles(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise errors.BadTLSFiles(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise errors.BadTLSFiles(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -3,6 +3,7 @@
     KVStoreError
     ├── BackendUnavailable          retryable: etcd is down, restarting or unreachable
     │   └── EndpointUnreachable     nothing answers at the endpoint (refused, timed out, no route)
+    │       └── NameNotResolved     the endpoint's host name does not resolve (DNS)
     ├── TLSSetupError               not retryable until files or certificates change; the message says what to fix
     │   ├── BadTLSFiles             a CA, certificate or key file is missing or unreadable
     │   ├── PlaintextEndpoint       the endpoint is not https, or does not speak TLS
@@ -11,7 +12,8 @@
     │   ├── ServerNameMismatch      the server's certificate does not name the address we dialled
     │   ├── ClientCertificateExpired
     │   └── ClientCertificateRejected   the server does not trust our client certificate
-    ├── PermissionDenied            etcd refused the user (unknown user, or no permission on the key)
+    ├── PermissionDenied            etcd refused the user (no permission on the key)
+    │   └── UnknownUser             etcd knows no user of the client certificate's name
     ├── RevisionCompacted(revision) a watch asked for history that etcd compacted: list again
     ├── LeaseLost(lease)            the lease expired or was revoked; its keys are gone
     └── StoreClosed                 our own code closed the store; never retried
@@ -29,6 +31,8 @@ __all__ = [
     "EndpointUnreachable",
     "KVStoreError",
     "LeaseLost",
+    "NameNotResolved",
+    "UnknownUser",
     "PermissionDenied",
     "PlaintextEndpoint",
     "RevisionCompacted",
@@ -53,6 +57,10 @@ class BackendUnavailable(KVStoreError):
 
 class EndpointUnreachable(BackendUnavailable):
     reason = "unreachable"
+
+
+class NameNotResolved(EndpointUnreachable):
+    reason = "dns"
 
 
 class TLSSetupError(KVStoreError):
@@ -89,6 +97,10 @@ class ClientCertificateRejected(TLSSetupError):
 
 class PermissionDenied(KVStoreError):
     reason = "permission-denied"
+
+
+class UnknownUser(PermissionDenied):
+    reason = "unknown-user"
 
 
 class RevisionCompacted(KVStoreError):

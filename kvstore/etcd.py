@@ -78,7 +78,7 @@ def _details(exc: BaseException) -> str:
 def _permission_error(operation: str, user: str, details: str) -> errors.PermissionDenied:
     who = f"user {user!r} (the CN of the client certificate)" if user else "the client certificate's user"
     if "user name not found" in details or "user name is empty" in details:
-        return errors.PermissionDenied(f"{operation}: etcd knows no {who}: create the user, or use another certificate")
+        return errors.UnknownUser(f"{operation}: etcd knows no {who}: create the user, or use another certificate")
     return errors.PermissionDenied(f"{operation}: etcd refused {who}: {details}")
 
 
@@ -115,7 +115,7 @@ def _resolve(endpoint: Endpoint) -> tuple[str, str]:
     try:
         infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise errors.EndpointUnreachable(f"cannot resolve etcd endpoint {endpoint}: {exc.strerror}") from exc
+        raise errors.NameNotResolved(f"cannot resolve etcd endpoint {endpoint}: {exc.strerror}") from exc
     family, _, _, _, sockaddr = infos[0]
     host = str(sockaddr[0])
     if family == socket.AF_INET6:

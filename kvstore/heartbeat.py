@@ -3,8 +3,8 @@
 The writer (the cluster's apiserver) puts the current time (RFC 3339) at `cilium/.heartbeat` every minute, on a
 lease. A reader (an agent watching a remote cluster) notes when it last saw the key change, by its own clock (the
 value is not trusted: clocks differ between clusters), and calls the cluster stale when that is more than two
-minutes ago. A stale cluster is not ready, whatever its watchers say. A beat is a new value: reading the same value
-again (a reconnect's first read, after a session ended because nothing beat) proves nothing, and does not count.
+minutes ago. A stale cluster is not ready, whatever its watchers say. A beat is a write: reading the same write again
+(a reconnect's first read, after a session ended because nothing beat) proves nothing, and does not count.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from clustermesh.model.keys import HEARTBEAT_KEY
 from kvstore import errors
-from kvstore.backend import Backend, PutOp, follow_key
+from kvstore.backend import Backend, Entry, PutOp, follow_key
 from kvstore.leases import LeaseManager
 from kvstore.syncing import rfc3339_now
 
@@ -63,8 +63,9 @@ class HeartbeatReader:
         self.max_age = max_age
         self.last_seen: float | None = None
         self.last_value: str = ""
-        #: How many different values were seen.
+        #: How many writes were seen.
         self.beats = 0
+        self._last_beat: tuple[int, bytes] | None = None
         self._started: float | None = None
         #: Set each time a beat is seen; a waiter clears it first.
         self.changed = asyncio.Event()
@@ -78,12 +79,13 @@ class HeartbeatReader:
         age = self.age()
         return age is not None and age > self.max_age
 
-    def _seen(self, value: bytes) -> None:
-        text = value.decode(errors="replace")
-        if self.last_seen is not None and text == self.last_value:
-            return  # the same beat read again: the writer has not written since
+    def _seen(self, entry: Entry) -> None:
+        beat = (entry.mod_revision, entry.value)
+        if self.last_seen is not None and beat == self._last_beat:
+            return  # the same write read again (a reconnect's first read): the writer has not written since
+        self._last_beat = beat
         self.last_seen = self.clock()
-        self.last_value = text
+        self.last_value = entry.value.decode(errors="replace")
         self.beats += 1
         self.changed.set()
 
@@ -93,4 +95,4 @@ class HeartbeatReader:
             self._started = self.clock()
         async with contextlib.aclosing(follow_key(backend, HEARTBEAT_KEY)) as beats:
             async for entry in beats:
-                self._seen(entry.value)
+                self._seen(entry)

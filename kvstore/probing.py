@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import os
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -120,6 +122,8 @@ async def probe_endpoint(config: EtcdConfig, endpoint: Endpoint) -> None:
         raise _verification_error(config, endpoint, server_name, exc) from exc
     except ssl.SSLError as exc:
         raise _alert_error(config, endpoint, exc) from exc
+    except socket.gaierror as exc:
+        raise errors.NameNotResolved(f"cannot resolve etcd endpoint {endpoint}: {exc.strerror}") from exc
     except (TimeoutError, OSError) as exc:
         raise errors.EndpointUnreachable(f"etcd at {endpoint} is unreachable: {_os_reason(exc)}") from exc
     try:
@@ -139,12 +143,17 @@ async def probe_endpoint(config: EtcdConfig, endpoint: Endpoint) -> None:
 
 
 def _os_reason(exc: BaseException) -> str:
+    """The operating system's words for a failed connection: what a person can act on."""
     if isinstance(exc, TimeoutError):
-        return "timed out"
+        return "timed out (no answer: a firewall, or no route that way?)"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is etcd running there?)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    if isinstance(exc, OSError):  # asyncio's "Multiple exceptions: [Errno 113] ..." of several addresses
+        return str(exc).lower() or type(exc).__name__
     return str(exc) or type(exc).__name__
 
 

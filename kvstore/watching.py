@@ -97,6 +97,8 @@ class WatchStore(Generic[T]):
         self.synced = asyncio.Event()
         #: Set while a session is past its list and watching: the view is live.
         self.live = asyncio.Event()
+        #: Where the current session is: `idle` (none, or it ended), `waiting-canary`, `listing`, `watching`.
+        self.phase = "idle"
 
     # --- one session
 
@@ -105,16 +107,20 @@ class WatchStore(Generic[T]):
         self.live.clear()
         try:
             if self.synced_canary is not None:
+                self.phase = "waiting-canary"
                 await self._wait_for_canary(backend, self.synced_canary)
             cause = "start"
             while True:
+                self.phase = "listing"
                 revision = await self._list(backend, cause)
+                self.phase = "watching"
                 try:
                     await self._watch(backend, revision)
                 except errors.RevisionCompacted as exc:
                     log.info("watch store %s: %s; listing again", self.name, exc)
                     cause = "compacted"
         finally:
+            self.phase = "idle"
             self.live.clear()
 
     async def _wait_for_canary(self, backend: Backend, key: str) -> None:

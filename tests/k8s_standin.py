@@ -351,7 +351,8 @@ class StandinAPIServer:
             self.requests.append(StandinRequest(method, url.path, query, handler.headers.get("Authorization") or ""))
             failure = self._failures.pop(0) if self._failures else None
         try:
-            body = self._body(handler) if method in ("POST", "PUT") else None  # read first: the connection goes on
+            has_body = method in ("POST", "PUT") or int(handler.headers.get("Content-Length") or 0) > 0
+            body = self._body(handler) if has_body else None  # read first: the connection goes on
             if failure is not None:
                 raise failure
             kind, namespace, name = self._route(url.path)
@@ -405,6 +406,15 @@ class StandinAPIServer:
             if method == "PUT":
                 return 200, self._update(kind, key, current, body)
             if method == "DELETE":
+                wanted = ((body or {}).get("preconditions") or {}).get("resourceVersion")
+                if wanted is not None and str(wanted) != current["metadata"]["resourceVersion"]:
+                    raise _status(
+                        409,
+                        "Conflict",
+                        f'Operation cannot be fulfilled on {_resource(kind)} "{name}": the ResourceVersion in the '
+                        f"precondition ({wanted}) does not match the ResourceVersion in record "
+                        f"({current['metadata']['resourceVersion']}). The object might have been modified",
+                    )
                 del self._objects[kind.name][key]
                 deleted = copy.deepcopy(current)
                 self._commit(kind, key, None, "DELETED", deleted)

@@ -20,7 +20,16 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["HttpEndpoint", "Request", "Response", "json_response", "metrics_route", "parse_address", "text_route"]
+__all__ = [
+    "HttpEndpoint",
+    "Request",
+    "Response",
+    "error_response",
+    "json_response",
+    "metrics_route",
+    "parse_address",
+    "text_route",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,7 @@ Route = Callable[["Request"], Awaitable[Response]]
 _REASONS = {
     200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
     409: "Conflict", 422: "Unprocessable Entity", 500: "Internal Server Error", 503: "Service Unavailable",
+    507: "Insufficient Storage",
 }  # fmt: skip
 MAX_BODY = 1024 * 1024
 
@@ -50,6 +60,11 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"{text!r} is not HOST:PORT (port 0 picks a free one)")
     return host.strip("[]"), int(port)
+
+
+def error_response(status: int, reason: str, message: str) -> Response:
+    """An error as every API of ours answers it: `{"error": words, "reason": code}` (`clustermesh.model.api`)."""
+    return json_response(status, {"error": message, "reason": reason})
 
 
 def json_response(status: int, document: Any) -> Response:
@@ -107,7 +122,9 @@ class HttpEndpoint:
         try:
             request = await asyncio.wait_for(self._read(reader), 10)
             status, content_type, body = (
-                (400, "text/plain", b"bad request\n") if request is None else await self._answer(request)
+                error_response(400, "bad-request", "not an HTTP/1.1 request with a Content-Length body")
+                if request is None
+                else await self._answer(request)
             )
             head = (
                 f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
@@ -147,12 +164,12 @@ class HttpEndpoint:
             route = self._prefix_route(request)
         if route is None:
             known = ", ".join(sorted(self.routes))
-            return 404, "text/plain", f"no route {request.method} {request.path}; known: {known}\n".encode()
+            return error_response(404, "no-route", f"no route {request.method} {request.path}; known: {known}")
         try:
             return await route(request)
         except Exception as exc:  # a broken route must not take the server down
             log.exception("route %s %s failed", request.method, request.path)
-            return 500, "text/plain", f"{type(exc).__name__}: {exc}\n".encode()
+            return error_response(500, "internal", f"{type(exc).__name__}: {exc}")
 
     def _prefix_route(self, request: Request) -> Route | None:
         """Routes ending with '/*' match every path below them (REST resources by name)."""

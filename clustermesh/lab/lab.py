@@ -44,6 +44,7 @@ from clustermesh.lab.layout import (
     LabLayout,
     NodeLayout,
 )
+from clustermesh.model.api import AgentStatus, DatapathStatus
 from clustermesh.model.kinds import kind_by_name
 from clustermesh.processes.child import Child
 from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
@@ -93,6 +94,17 @@ def load(name: str) -> LabState:
     if not path.exists():
         raise LabError(f"no lab {name!r} here (no {path}): start one with `clustermesh lab up --name {name}`")
     return LabState(**json.loads(path.read_text()))
+
+
+CNI_TRY_AGAIN = 11  # the CNI spec's "try again later" (the agent is starting)
+
+
+class CNIFailed(LabError):
+    """The CNI plugin answered an error; `code` is its CNI error code."""
+
+    def __init__(self, message: str, code: object) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LabExists(LabError):
@@ -335,10 +347,16 @@ class Lab:
             [*netns.nsenter(node.netns), str(BIN / "clustermesh-cni")],
             env=env, input=json.dumps(config).encode(), capture_output=True, timeout=60, check=False,
         )  # fmt: skip
-        output = json.loads(result.stdout or b"{}")
+        try:
+            output = json.loads(result.stdout or b"{}")
+        except ValueError:
+            output = {}
+        if not isinstance(output, dict):
+            output = {}
         if result.returncode != 0:
-            raise LabError(f"CNI {command} of {pod} on {node.name} failed: {output.get('msg', result.stderr.decode())}")
-        return output if isinstance(output, dict) else {}
+            message = output.get("msg") or result.stderr.decode(errors="replace")[-500:]
+            raise CNIFailed(f"CNI {command} of {pod} on {node.name} failed: {message}", output.get("code"))
+        return output
 
     # --- nodes at run time
 
@@ -414,8 +432,8 @@ class Lab:
             try:
                 result = self.cni(node, "ADD", pod)
                 break
-            except LabError as exc:
-                if "still starting" not in str(exc) or time.monotonic() > deadline:
+            except CNIFailed as exc:
+                if exc.code != CNI_TRY_AGAIN or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)  # another process getting ready: its answers are all there is to wait on
         ip = result["ips"][0]["address"].split("/")[0]
@@ -432,24 +450,22 @@ class Lab:
                 for node in nodes:
                     while True:
                         try:
-                            status = await fetch_status(self.socket(node), wait=timeout)
+                            status: AgentStatus | None = await fetch_status(self.socket(node), wait=timeout)
                         except AgentUnreachable as exc:
-                            status = {"ready": False, "clusters": [], "datapath": {"last_error": str(exc)}}
-                        datapath = status.get("datapath") or {}
-                        peers = len(datapath.get("peers") or [])
-                        if "installed" in datapath:  # IPsec: a peer counts once its child SA is up
-                            peers = min(peers, int(datapath["installed"]))
-                        waiting = (
-                            f"{node.name}: ready={status['ready']}, {len(status['clusters'])} of "
-                            f"{self.state.clusters} clusters, {peers} of {expected_peers} peers"
-                            + (f", datapath error: {datapath['last_error']}" if datapath.get("last_error") else "")
-                        )
-                        if (
-                            status["ready"]
-                            and len(status["clusters"]) == self.state.clusters
-                            and peers == expected_peers
-                        ):
-                            break
+                            status, waiting = None, f"{node.name}: {exc}"
+                        if status is not None:
+                            datapath = status.datapath or DatapathStatus()
+                            peers = len(datapath.peers)
+                            if "installed" in datapath.details:  # IPsec: a peer counts once its child SA is up
+                                peers = min(peers, int(datapath.details["installed"]))
+                            waiting = (
+                                f"{node.name}: ready={status.ready}, {len(status.clusters)} of "
+                                f"{self.state.clusters} clusters, {peers} of {expected_peers} peers"
+                                + (f", datapath error: {datapath.last_error}" if datapath.last_error else "")
+                                + (f", not ready: {'; '.join(status.not_ready)}" if status.not_ready else "")
+                            )
+                            if status.ready and len(status.clusters) == self.state.clusters and peers == expected_peers:
+                                break
                         await asyncio.sleep(0.2)  # other processes converging: their answers are all we can wait on
         except TimeoutError:
             raise LabError(f"the agents were not ready after {timeout:.0f} s ({waiting})") from None

@@ -7,17 +7,18 @@ its words (for people).
 
 Codes of a cluster's problems (`Problem.code`):
 
-| code | what |
-| --- | --- |
-| `refused-name-clash`, `refused-id-clash`, `refused-max-connected-mismatch`, `refused-id-mismatch`, `refused-invalid-config`, `refused-no-cluster-config` | the cluster may not join as configured |
-| `wrong-cluster` | the etcd answers, but it is another cluster's (its cluster-config is not readable with this name) |
-| `no-role` | the etcd knows the user but grants it nothing: `clustermesh connect` (or `etcd init`) did not run there |
-| `unknown-user` | the etcd knows no user of the client certificate's name |
-| a kvstore error's reason: `unreachable`, `dns`, `unknown-authority`, `server-certificate-expired`, `server-name-mismatch`, `client-certificate-expired`, `client-certificate-rejected`, `bad-tls-files`, `plaintext`, `unavailable` | the connection failed |
-| `heartbeat-stale` | nothing beat for longer than the heartbeat's maximum age |
-| `waiting-canary`, `listing` | a prefix's initial sync is not complete in this session |
-| `watch-ended` | a prefix's watch ended (the session is ending) |
-| `config-problem` | a file of the config directory is not used (the agent is not ready: a cluster it was meant to read is missing) |
+- the cluster may not join as configured: `refused-name-clash`, `refused-id-clash`, `refused-max-connected-mismatch`,
+  `refused-id-mismatch`, `refused-invalid-config`, `refused-no-cluster-config`;
+- the etcd answers but refuses: `wrong-cluster` (it is another cluster's: its cluster-config is not readable with
+  this name), `no-role` (it knows the user but grants it nothing: `clustermesh connect` did not run there),
+  `unknown-user` (it knows no user of the client certificate's name);
+- the connection failed, a kvstore error's reason: `unreachable`, `dns`, `unknown-authority`,
+  `server-certificate-expired`, `server-name-mismatch`, `client-certificate-expired`, `client-certificate-rejected`,
+  `bad-tls-files`, `plaintext`, `unavailable`; `connecting` before the first attempt ends;
+- `heartbeat-stale`: nothing beat for longer than the heartbeat's maximum age;
+- `waiting-canary`, `waiting-nodes`, `listing`: a prefix's initial sync is not complete in this session;
+  `watch-ended`: its watch ended (the session is ending);
+- `config-problem`: a file of the config directory is not used (a cluster the user meant to join is missing).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = [
     "ApiError",
     "ClusterStatus",
     "DatapathStatus",
-    "EndpointRequest",
+    "PodRequest",
     "Problem",
     "decode_status",
 ]
@@ -103,7 +104,8 @@ class AgentStatus(msgspec.Struct, kw_only=True):
 
 class ApiError(msgspec.Struct, frozen=True):
     """Every error the agent's API answers. `reason` is one of `starting` (retry soon), `no-datapath`, `invalid`,
-    `not-found`, `conflict`, `unavailable` (retry), `exhausted` (no address left), `datapath`, `internal`."""
+    `not-found`, `conflict`, `unavailable` (retry), `exhausted` (no address left), `datapath`, `internal` (and the
+    HTTP server's own `bad-request`, `no-route`)."""
 
     error: str
     reason: str = "internal"
@@ -113,7 +115,7 @@ class ApiError(msgspec.Struct, frozen=True):
         return self.reason in ("starting", "unavailable")
 
 
-class EndpointRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+class PodRequest(msgspec.Struct, kw_only=True):
     """What the CNI plugin asks of the agent (`POST /v1/cni/add|del|check`)."""
 
     containerID: str

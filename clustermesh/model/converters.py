@@ -34,6 +34,7 @@ __all__ = [
     "is_global_service",
     "is_shared_service",
     "service_affinity",
+    "service_proxy_name",
     "service_frontends",
     "service_to_cluster_service",
 ]
@@ -47,6 +48,7 @@ WIREGUARD_KEY_ANNOTATION = "network.cilium.io/wg-pub-key"
 AFFINITY_ANNOTATION = "service.cilium.io/affinity"
 AFFINITY_ALIAS = "io.cilium/service-affinity"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 MESH_CONTROLLER = "endpointslice-mesh-controller.cilium.io"
 SOURCE_CUSTOM_RESOURCE = "custom-resource"
@@ -175,12 +177,17 @@ def identity_namespace(obj: Object) -> str | None:
 # --- namespaces and services
 
 
-def is_global_namespace(namespace: Object | None) -> bool:
-    """`clustermesh.cilium.io/global`, default true (also when the Namespace object does not exist)."""
-    if namespace is None:
-        return True
-    value = _annotation(namespace, GLOBAL_NAMESPACE_ANNOTATION)
-    return True if value is None else value.lower() == "true"
+def is_global_namespace(namespace: Object | None, *, default: bool = True) -> bool:
+    """`clustermesh.cilium.io/global`, else `default` (also when the Namespace object does not exist)."""
+    value = _annotation(namespace, GLOBAL_NAMESPACE_ANNOTATION) if namespace is not None else None
+    return default if value is None else value.lower() == "true"
+
+
+def service_proxy_name(service: Object) -> str:
+    """The `service.kubernetes.io/service-proxy-name` label: which proxy handles the service ("" : the default)."""
+    labels = _metadata(service).get("labels") or {}
+    value = labels.get(SERVICE_PROXY_NAME_LABEL)
+    return str(value) if value else ""
 
 
 def is_global_service(service: Object) -> bool:

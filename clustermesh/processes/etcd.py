@@ -1,8 +1,9 @@
 """Running a real etcd server process: mTLS only, on given or free ports, stopped by its PID.
 
 Used by the demo, the lab and the integration tests' fixtures. The server requires client certificates
-(`--client-cert-auth`) and never listens in plaintext for clients. Its peer URL is plaintext on loopback (single
-member, nothing to talk to) unless the spec says otherwise.
+(`--client-cert-auth`) and never listens in plaintext for clients. Its peer listener is on the loopback of its
+network namespace, whatever address its clients use: a single member has no peer to talk to, and a plaintext peer
+port on a routable address (the lab's underlay) would let anyone join or read the member's raft traffic.
 
 Readiness is etcd's own log line "ready to serve client requests" followed by an accepted TCP connection: no fixed
 sleep. A process that exits during start-up raises with the tail of its log.
@@ -20,6 +21,8 @@ from pathlib import Path
 
 __all__ = ["EtcdProcess", "EtcdSpec", "EtcdStartError", "free_port"]
 
+#: Where a member listens for peers: only its own namespace's loopback (single-member clusters).
+PEER_HOST = "127.0.0.1"
 READY_MARKERS = (b"ready to serve client requests", b"serving client requests on")
 
 
@@ -59,7 +62,7 @@ class EtcdSpec:
         if self.client_port == 0:
             self.client_port = free_port(self.host)
         if self.peer_port == 0:
-            self.peer_port = free_port(self.host)
+            self.peer_port = free_port(PEER_HOST)
         if self.log_file is None:
             self.log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
 
@@ -69,7 +72,7 @@ class EtcdSpec:
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"http://{PEER_HOST}:{self.peer_port}"
 
     def command(self) -> list[str]:
         binary = etcd_binary()

@@ -471,6 +471,15 @@ class KubernetesStore:
             updated = await self._request("PUT", _object_path(kind, name, namespace), body=obj)
         return self._answer(kind, updated)
 
-    async def delete(self, kind: Kind, name: str, namespace: str | None = None) -> None:
+    async def delete(
+        self, kind: Kind, name: str, namespace: str | None = None, *, resource_version: str | None = None
+    ) -> None:
+        options = None
+        if resource_version is not None:
+            options = {
+                "apiVersion": "v1",
+                "kind": "DeleteOptions",
+                "preconditions": {"resourceVersion": resource_version},
+            }
         with _translating(f"cannot delete {describe(kind, name, namespace)}", kind):
-            await self._request("DELETE", _object_path(kind, name, namespace))
+            await self._request("DELETE", _object_path(kind, name, namespace), body=options)

@@ -195,14 +195,19 @@ class StandaloneStore:
         stored["metadata"]["resourceVersion"] = str(revision)
         return stored
 
-    async def delete(self, kind: Kind, name: str, namespace: str | None = None) -> None:
+    async def delete(
+        self, kind: Kind, name: str, namespace: str | None = None, *, resource_version: str | None = None
+    ) -> None:
         key = registry_key(kind, name, namespace)
         what = describe(kind, name, namespace)
         try:
             current = await self.backend.get(key)
-            if current is None or not await self.backend.delete_if(key, mod_revision=current.mod_revision):
-                if current is None:
-                    raise NotFound(f"{what} not found")
+            if current is None:
+                raise NotFound(f"{what} not found")
+            if resource_version is not None and str(resource_version) != str(current.mod_revision):
+                raise Conflict(f"{what} changed since resourceVersion {resource_version} (now {current.mod_revision})")
+            expected = current.mod_revision
+            if not await self.backend.delete_if(key, mod_revision=expected):
                 raise Conflict(f"{what} was changed concurrently: read it again and retry")
         except kverrors.KVStoreError as exc:
             raise Unavailable(f"cannot delete {what}: {exc}") from exc

@@ -11,7 +11,8 @@ Contract, for both:
   to watch from (etcd compacted it; Kubernetes answers 410 Gone), it raises `Gone`, and the caller lists again;
   when the connection breaks it raises `Unavailable`;
 - `create` fails with `AlreadyExists`; `update` is optimistic: it fails with `Conflict` unless the object's
-  `metadata.resourceVersion` is the stored one; `delete` fails with `NotFound`;
+  `metadata.resourceVersion` is the stored one; `delete` fails with `NotFound`, and with `resource_version` given,
+  with `Conflict` unless that is the stored version (Kubernetes' delete preconditions);
 - objects are validated on the way in (`clustermesh.model.validation`): a bad one is refused with `Invalid`,
   naming the field;
 - every object returned carries `metadata.resourceVersion`.
@@ -104,7 +105,9 @@ class ResourceStore(Protocol):
 
     async def update(self, obj: Object) -> Object: ...
 
-    async def delete(self, kind: Kind, name: str, namespace: str | None = None) -> None: ...
+    async def delete(
+        self, kind: Kind, name: str, namespace: str | None = None, *, resource_version: str | None = None
+    ) -> None: ...
 
     async def close(self) -> None: ...
 

@@ -132,8 +132,26 @@ async def check_list_and_watch(store: ResourceStore, prefix: str) -> None:
         await stream.aclose()  # type: ignore[attr-defined]
 
 
+async def check_delete_with_a_precondition(store: ResourceStore, prefix: str) -> None:
+    """`delete(..., resource_version=V)` deletes only the version V: a change made meanwhile wins (Conflict)."""
+    created = await store.create(node(f"{prefix}n1"))
+    changed = copy.deepcopy(created)
+    changed["spec"]["addresses"][0]["ip"] = "192.168.0.9"
+    updated = await store.update(changed)
+    try:
+        await store.delete(CILIUM_NODE, f"{prefix}n1", resource_version=created["metadata"]["resourceVersion"])
+    except Conflict:
+        pass
+    else:
+        raise AssertionError("a delete of a version that changed since did not raise Conflict")
+    assert await store.get(CILIUM_NODE, f"{prefix}n1") is not None, "the changed object survived"
+    await store.delete(CILIUM_NODE, f"{prefix}n1", resource_version=updated["metadata"]["resourceVersion"])
+    assert await store.get(CILIUM_NODE, f"{prefix}n1") is None
+
+
 CHECKS: list[Callable[[ResourceStore, str], Awaitable[None]]] = [
     check_create_get_update_delete,
+    check_delete_with_a_precondition,
     check_invalid_objects_are_refused_naming_the_field,
     check_list_and_watch,
 ]

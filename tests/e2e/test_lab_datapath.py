@@ -169,7 +169,7 @@ def _peer_state(lab: LabHandle, node: str, cidr: str, key: str) -> tuple[bool, b
         has_peer = any(line.split()[:1] == [vtep] and "PERMANENT" in line for line in neighbours.splitlines())
         detail = f"vxlan neighbours {neighbours.strip()!r}"
     elif lab.routing == "ipsec":
-        sas = lab.status()["nodes"][node]["datapath"].get("sas") or {}
+        sas = lab.status()["nodes"][node]["datapath"].get("details", {}).get("sas") or {}
         _, cluster, index, _ = cidr.split(".")  # 10.<c>.<n>.0/24 is node c<c>-node-<n>'s
         connection = connection_name(f"c{cluster}/c{cluster}-node-{index}")
         has_peer, detail = sas.get(connection, "").endswith("/INSTALLED"), f"ipsec SAs {sas}"

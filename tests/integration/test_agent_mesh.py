@@ -361,12 +361,13 @@ async def test_cluster_id_clash_name_clash_and_mesh_size_mismatch_are_refused(
             assert "maxConnectedClusters mismatch: c3 has 511, this cluster has 255" in agent.cluster("c3").refused
         finally:
             await agent.stop()
-        # A config file named after the local cluster is not used, and says so.
+        # A config file named after the local cluster is not used, says so, and the agent is not ready.
         wipe_dir(config_dir)
         mesh["c2"].write_remote_config(config_dir, "c1").rename(config_dir / "c1")
         agent = await start_agent(mesh["c1"], config_dir)
         try:
-            status = await agent.wait_status(lambda s: "c1" in s.config_problems and s.ready)
+            status = await agent.wait_status(lambda s: "c1" in s.config_problems and s.clusters[0].ready)
+            assert not status.ready and [p.code for p in status.problems] == ["config-problem"]
             assert [c.name for c in status.clusters] == ["c1"]
             assert "local cluster" in status.config_problems["c1"]
         finally:
@@ -507,4 +508,35 @@ async def test_view_subscribers_see_changes_in_order(mesh: dict[str, MeshCluster
         assert ipcache[:20] == [("upsert", f"10.2.3.{i}") for i in range(20)]
         assert ipcache[-1] == ("delete", "10.2.3.5")
     finally:
+        await agent.stop()
+
+
+async def test_a_certificate_rotated_in_place_takes_effect_without_touching_the_config(
+    mesh: dict[str, MeshCluster], tmp_path: Path
+) -> None:
+    """cert-manager, or a Secret update, rewrites the certificate files and leaves the config file alone: the
+    agent reconnects with the new files, under a live watch, with no restart."""
+    agent = await connected(mesh, tmp_path)
+    c2 = mesh["c2"]
+    config_file = tmp_path / "remotes" / "c2"
+    before = config_file.read_bytes()
+    remote = agent.mesh.remotes["c2"]
+    sessions = remote.sessions
+    paths = c2.pki.user("remote-c1")
+    try:
+        # An expired certificate written over the live one: the agent reconnects with it, and says why it cannot.
+        ca = certs.files.load_issued(c2.pki.ca)
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+        certs.write_issued(certs.issue_client(ca, "remote-c1", days=1, not_before=past), paths)
+        await agent.wait_status(
+            lambda s: (c := s.cluster_named("c2")) is not None and c.last_error_reason == "client-certificate-expired"
+        )
+        # A fresh one: ready again, on a new session.
+        certs.issue_user(c2.pki, "remote-c1")
+        status = await agent.wait_status(lambda s: s.ready)
+        assert status.cluster_named("c2").last_error is None  # type: ignore[union-attr]
+        assert remote.sessions >= sessions + 1
+        assert config_file.read_bytes() == before, "the config file was never touched"
+    finally:
+        certs.issue_user(c2.pki, "remote-c1")
         await agent.stop()

@@ -147,17 +147,21 @@ async def test_connect_then_a_real_agent_reads_the_peer(
         assert code == 0 and "c2" in out and "ready" in out
 
         # The endpoints API of the CNI plugin: an identity in c1's range, and the ipcache key published.
-        from clustermesh.status import request
+        from clustermesh.daemon.client import request
 
-        status_code, created = await request(
-            Path(sock), "POST", "/v1/endpoints",
+        answer = await request(
+            sock, "POST", "/v1/endpoints",
             {"namespace": "shop", "name": "web-1", "labels": {"app": "web"}, "ipv4": "10.1.1.10"},
         )  # fmt: skip
-        assert status_code == 201, created
+        created = answer.json()
+        assert answer.status == 201, created
         identity = created["status"]["identity"]["id"]
         assert 65536 + 256 <= identity < 2 * 65536
-        status_code, bad = await request(Path(sock), "POST", "/v1/endpoints", {"name": "x", "ipv4": "10.1"})
-        assert status_code == 400 and "ipv4" in bad["error"]
+        answer = await request(sock, "POST", "/v1/endpoints", {"name": "x", "ipv4": "10.1"})
+        assert answer.status == 400 and "ipv4" in answer.json()["error"] and answer.json()["reason"] == "invalid"
+        # an address outside this node's pod CIDR (10.1.1.0/24) is refused: it could be another node's pod
+        answer = await request(sock, "POST", "/v1/endpoints", {"name": "thief", "ipv4": "10.1.2.10"})
+        assert answer.status == 400 and "not in this node's pod CIDRs" in answer.json()["error"], answer.json()
         backend = await etcd.connect(c1.config("root"))
         try:
             async with asyncio.timeout(20):  # c1's apiserver, another process, publishes it

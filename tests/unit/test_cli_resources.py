@@ -131,3 +131,35 @@ def test_contexts_are_saved_and_checked(tmp_path: Path) -> None:
     config.write_text("contexts: [oops")
     broken = runner.invoke(cli, ["--config", str(config), "get", "cn"])
     assert broken.exit_code == 1 and "not valid YAML" in broken.output
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"apiVersion: v1\nkind: Namespace\nmetadata: {name: caf\xe9}\n", "not UTF-8 text (byte 51)"),
+        (b"\xff\xfe\x00k\x00i\x00n\x00d", "not UTF-8 text (byte 0)"),
+        (b"apiVersion: v1\nkind: List\nitems: web\n", "a List's items must be a list of objects, not str"),
+        (b"apiVersion: v1\nkind: List\nitems: {name: x}\n", "a List's items must be a list of objects, not dict"),
+    ],
+)
+def test_a_manifest_that_cannot_be_read_is_one_clear_error(
+    controls: Controls, tmp_path: Path, content: bytes, words: str
+) -> None:
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_bytes(content)
+    for source in ("file", "stdin"):
+        if source == "file":
+            result = CliRunner().invoke(cli, ["apply", "-f", str(manifest)], obj=controls)
+        else:
+            result = CliRunner().invoke(cli, ["apply", "-f", "-"], obj=controls, input=content)
+        assert result.exit_code == 1, result.output
+        assert words in result.stderr, result.stderr
+        assert isinstance(result.exception, SystemExit), "an error message, not a traceback"
+
+
+def test_a_list_whose_items_are_not_objects_names_each_item(controls: Controls) -> None:
+    manifest = "apiVersion: v1\nkind: List\nitems:\n- 7\n- {apiVersion: v1, kind: Namespace, metadata: {name: ok}}\n"
+    code, out, err = run(controls, "apply", "-f", "-", stdin=manifest)
+    assert code == 1
+    assert "namespace/ok created" in out
+    assert "stdin (document 1, item 0)" in err and "must be a mapping" in err

@@ -34,12 +34,14 @@ def short_dir() -> Iterator[Path]:
 
 
 def run_cni(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stdin: str, **env: str
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stdin: str | None, **env: str
 ) -> tuple[int, dict[str, Any] | None]:
-    """Run the plugin's main() once: (exit status, the JSON document on stdout, or None when it wrote nothing)."""
+    """Run the plugin's main() once: (exit status, the JSON document on stdout, or None when it wrote nothing).
+    `stdin` None: the test set sys.stdin itself."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     capsys.readouterr()
     status = 0
     try:
@@ -216,33 +218,50 @@ async def test_del_asks_the_agent_and_prints_nothing(
     assert body["netns"] == ""
 
 
-async def test_an_agent_that_refuses_add_is_error_11_with_its_reason(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], short_dir: Path
-) -> None:
-    reply = http("500 Internal Server Error", b'{"error": "no free address left in 10.1.1.0/24 (245 in use)"}')
+@pytest.mark.parametrize(
+    ("status", "reason", "code"),
+    [
+        ("503 Service Unavailable", "starting", 11),  # try again later: the runtime retries
+        ("503 Service Unavailable", "unavailable", 11),
+        ("400 Bad Request", "invalid", 7),
+        ("507 Insufficient Storage", "exhausted", 101),
+        ("500 Internal Server Error", "datapath", 100),
+        ("503 Service Unavailable", "no-datapath", 103),
+        ("500 Internal Server Error", "internal", 104),
+    ],
+)
+async def test_an_agent_that_refuses_add_gives_the_code_of_its_reason(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], short_dir: Path, status: str, reason: str,
+    code: int,
+) -> None:  # fmt: skip
+    reply = http(status, json.dumps({"error": "words for people", "reason": reason}).encode())
     async with agent(short_dir, reply) as (socket, _):
-        status, document = await asyncio.to_thread(
+        exit_status, document = await asyncio.to_thread(
             run_cni, monkeypatch, capsys, config(socket), CNI_COMMAND="ADD", **POD_ENV
         )
-    assert status == 1
-    assert assert_error(document, 11) == "the agent refused ADD: no free address left in 10.1.1.0/24 (245 in use)"
+    assert exit_status == 1
+    assert assert_error(document, code) == "the agent refused ADD: words for people"
+    assert document is not None and document["details"] == reason
 
 
 async def test_check_reports_the_agents_problems(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], short_dir: Path
 ) -> None:
-    reply = http("409 Conflict", b'{"problems": ["the node side lxc0 is gone", "no route"]}')
+    reply = http("409 Conflict", b'{"error": "the node side lxc0 is gone; no route", "reason": "conflict"}')
     async with agent(short_dir, reply) as (socket, _):
         status, document = await asyncio.to_thread(
             run_cni, monkeypatch, capsys, config(socket), CNI_COMMAND="CHECK", **POD_ENV
         )
     assert status == 1
-    assert assert_error(document, 11) == "CHECK failed: the node side lxc0 is gone; no route"
+    assert assert_error(document, 102) == "the agent refused CHECK: the node side lxc0 is gone; no route"
 
 
-@pytest.mark.parametrize("reply", [b"HTTP/1.1 500 x\r\n\r\nnot json", b"", b"garbage"])
-async def test_an_agent_answer_that_is_not_json_is_error_11(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], short_dir: Path, reply: bytes
+@pytest.mark.parametrize(
+    ("reply", "what"),
+    [(b"HTTP/1.1 500 x\r\n\r\nnot json", "not JSON"), (b"", "not HTTP"), (b"garbage", "not HTTP")],
+)
+async def test_an_agent_answer_that_is_not_json_is_error_104(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], short_dir: Path, reply: bytes, what: str
 ) -> None:
     """Whatever answers on the socket (an old agent, another program), the runtime gets a CNI error, not a crash."""
     async with agent(short_dir, reply) as (socket, _):
@@ -250,10 +269,7 @@ async def test_an_agent_answer_that_is_not_json_is_error_11(
             run_cni, monkeypatch, capsys, config(socket), CNI_COMMAND="ADD", **POD_ENV
         )
     assert status == 1
-    message = assert_error(document, 11)
-    assert message == f"the agent at {socket} gave an answer that is not JSON"
-    assert document is not None
-    assert document["details"] == reply.decode()
+    assert assert_error(document, 104) == f"the agent at {socket} gave an answer that is {what}"
 
 
 @pytest.mark.parametrize("body", [b"", b"null", b"[]"])
@@ -267,7 +283,27 @@ async def test_an_agent_answering_200_without_a_result_object_is_a_cni_error(
             run_cni, monkeypatch, capsys, config(socket), CNI_COMMAND="ADD", **POD_ENV
         )
     assert status == 1
-    assert_error(document, 11)
+    assert_error(document, 104)
+
+
+@pytest.mark.parametrize("args", ['"labels"', "[1, 2]", '{"labels": ["app"]}', '{"labels": {"app": 1}}'])
+def test_configuration_args_that_are_not_an_object_of_labels_are_error_7(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], short_dir: Path, args: str
+) -> None:
+    conf = json.loads(config(short_dir / "agent.sock"))
+    raw = json.dumps(conf)[:-1] + f', "args": {args}}}'
+    status, document = run_cni(monkeypatch, capsys, raw, CNI_COMMAND="ADD", **POD_ENV)
+    assert status == 1
+    assert "args" in assert_error(document, 7)
+
+
+def test_configuration_that_is_not_utf8_is_error_6(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'{"cniVersion": "\xff\xfe"}'), encoding="utf-8"))
+    status, document = run_cni(monkeypatch, capsys, None, CNI_COMMAND="ADD", **POD_ENV)
+    assert status == 1
+    assert_error(document, 6)
 
 
 # --- labels

@@ -1,0 +1,175 @@
+"""`clustermesh lab up|down|status|exec|node`: a multi-cluster mesh of network namespaces on this host."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import msgspec
+
+from clustermesh import output
+from clustermesh.cli.root import T, cli, output_option
+from clustermesh.model.api import AgentStatus, DatapathStatus
+
+
+@cli.group("lab")
+def lab_group() -> None:
+    """A multi-cluster mesh on this host, out of network namespaces: no Docker, no Kubernetes (needs root)."""
+
+
+def _lab_errors(work: Callable[[], T]) -> T:
+    from clustermesh.lab.layout import LabError
+    from clustermesh.lab.netns import CommandFailed
+    from clustermesh.processes.child import ChildFailed
+
+    try:
+        return work()
+    except (LabError, CommandFailed, ChildFailed) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _lab_name(positional: str | None, option: str | None) -> str:
+    """`lab down L` and `lab down --name L` both work (like `lab exec L ...`); two different names are an error."""
+    if positional is not None and option is not None and positional != option:
+        raise click.UsageError(f"two lab names given: {positional!r} and --name {option!r}")
+    return positional if positional is not None else option if option is not None else "cmlab"
+
+
+@lab_group.command("up")
+@click.argument("lab", required=False, metavar="[NAME]")
+@click.option("--name", default=None, help="The lab's name: 1-8 lower-case letters, digits.  [default: cmlab]")
+@click.option("--clusters", default=2, show_default=True)
+@click.option("--nodes", default=2, show_default=True, help="Nodes per cluster.")
+@click.option("--pods", default=2, show_default=True, help="Pods per node.")
+@click.option("--routing", type=click.Choice(["wireguard", "ipsec", "vxlan", "native"]), default="wireguard",
+              show_default=True)  # fmt: skip
+def lab_up(lab: str | None, name: str | None, clusters: int, nodes: int, pods: int, routing: str) -> None:
+    """Build the lab: underlay, per cluster etcd and apiserver, per node an agent, pods, all clusters connected."""
+    from clustermesh.lab.lab import Lab, LabExists
+    from clustermesh.lab.layout import LabLayout
+
+    name = _lab_name(lab, name)
+
+    def up() -> None:
+        lab = Lab(LabLayout(name, clusters, nodes, pods, routing), progress=output.step)
+        try:
+            lab.up()
+        except LabExists:
+            raise  # not ours to remove
+        except BaseException:
+            from clustermesh.lab.lab import down
+
+            logs = Path(f"/tmp/clustermesh-lab-{name}-logs")
+            output.err.print(f"[red]lab up failed[/]: cleaning up; the processes' logs are kept in {logs}")
+            down(name, progress=output.step, keep_logs=logs)
+            raise
+
+    _lab_errors(up)
+
+
+@lab_group.command("down")
+@click.argument("lab", required=False, metavar="[NAME]")
+@click.option("--name", default=None, help="The lab's name (also as the argument).  [default: cmlab]")
+def lab_down(lab: str | None, name: str | None) -> None:
+    """Remove everything the lab made: processes, namespaces, sockets, state (also after a crash)."""
+    from clustermesh.lab.lab import down
+
+    name = _lab_name(lab, name)
+    _lab_errors(lambda: down(name, progress=output.step))
+
+
+@lab_group.command("status")
+@click.argument("lab_name", required=False, metavar="[NAME]")
+@click.option("--name", default=None, help="The lab's name (also as the argument).  [default: cmlab]")
+@output_option
+def lab_status(lab_name: str | None, name: str | None, output_format: str) -> None:
+    """Each node's agent: ready or not, clusters, datapath peers; each pod's address."""
+    from clustermesh.lab.lab import Lab
+    from clustermesh.status import AgentUnreachable, fetch_status
+
+    name = _lab_name(lab_name, name)
+    lab = _lab_errors(lambda: Lab.existing(name))
+    state = lab.state
+
+    async def collect() -> dict[str, AgentStatus | str]:
+        nodes: dict[str, AgentStatus | str] = {}
+        for node in state.node_layouts():
+            try:
+                nodes[node.name] = await fetch_status(lab.socket(node))
+            except AgentUnreachable as exc:
+                nodes[node.name] = str(exc)
+        return nodes
+
+    nodes = asyncio.run(collect())
+    if output_format == "json":
+        documents = {n: msgspec.to_builtins(s) if isinstance(s, AgentStatus) else {"ready": False, "error": s}
+                     for n, s in nodes.items()}  # fmt: skip
+        output.print_json({"lab": name, "routing": state.routing, "nodes": documents, "pods": state.pods})
+        return
+    rows = []
+    for node_name, found in nodes.items():
+        if isinstance(found, str):
+            rows.append((node_name, "no", 0, 0, "-", found))
+            continue
+        datapath = found.datapath or DatapathStatus()
+        error = "; ".join(found.not_ready) or datapath.last_error or "-"
+        rows.append((node_name, "yes" if found.ready else "no", len(found.clusters), len(datapath.peers),
+                     datapath.driver, error))  # fmt: skip
+    output.print_table(["NODE", "READY", "CLUSTERS", "PEERS", "DATAPATH", "ERROR"], rows,
+                       title=f"lab {name} ({state.routing})")  # fmt: skip
+    output.print_table(["POD", "IP", "NODE"], [(p, d["ip"], d["node"]) for p, d in sorted(state.pods.items())])
+
+
+@lab_group.group("node")
+def lab_node() -> None:
+    """Add a node to a running lab, or remove one, as machines come and go."""
+
+
+@lab_node.command("add")
+@click.argument("name")
+@click.argument("cluster")
+@click.option("--pods", type=int, default=None, help="Pods on the new node (default: as many as the lab's others).")
+def lab_node_add(name: str, cluster: str, pods: int | None) -> None:
+    """Add a node to CLUSTER (c1, c2, ...) of lab NAME; wait until every agent has it as a peer."""
+    from clustermesh.lab.lab import Lab
+    from clustermesh.lab.layout import LabError
+
+    def add() -> None:
+        if not re.fullmatch(r"c[1-9]", cluster):
+            raise LabError(f"cluster {cluster!r}: name it as the lab does, c1, c2, ...")
+        lab = Lab.existing(name, progress=output.step)
+        node = lab.add_node(int(cluster[1:]), pods=pods)
+        output.step(f"{node.name} is up: {node.ip}, pods {node.pod_cidr}")
+
+    _lab_errors(add)
+
+
+@lab_node.command("remove")
+@click.argument("name")
+@click.argument("node")
+def lab_node_remove(name: str, node: str) -> None:
+    """Remove NODE (as `lab status` names it, e.g. c2-node-2) from lab NAME, with its pods."""
+    from clustermesh.lab.lab import Lab
+
+    _lab_errors(lambda: Lab.existing(name, progress=output.step).remove_node(node))
+
+
+@lab_group.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("pod")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lab_exec(name: str, pod: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside POD (cluster/pod, e.g. c1/pod-1-1) of lab NAME: `lab exec NAME c1/pod-1-1 -- ping ...`."""
+    from clustermesh.lab import netns
+    from clustermesh.lab.lab import load, require_root
+
+    _lab_errors(require_root)
+    state = _lab_errors(lambda: load(name))
+    if pod not in state.pods:
+        known = ", ".join(sorted(state.pods)[:8])
+        raise click.ClickException(f"no pod {pod!r} in lab {name}; pods: {known}")
+    os.execvp("nsenter", [*netns.nsenter(state.pods[pod]["netns"]), *command])
