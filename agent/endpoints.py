@@ -1,24 +1,40 @@
 """The node's local endpoints: one CiliumEndpoint each, with the identity of its labels.
 
-The CNI plugin (next issue) asks the agent, over its local API, to create an endpoint when a pod starts and to delete
-it when the pod goes. Creating allocates (or reuses) the identity of the pod's labels in this cluster's range and
-writes the CiliumEndpoint into the cluster's ResourceStore; the apiserver publishes it to the mesh from there.
+The CNI plugin asks the agent, over its local API, to create an endpoint when a pod starts and to delete it when
+the pod goes. Creating allocates (or reuses) the identity of the pod's labels in this cluster's range and writes the
+CiliumEndpoint into the cluster's ResourceStore; the apiserver publishes it to the mesh from there.
+
+The endpoints this node hosts are remembered (in the agent's state folder, so a restart remembers them too), and
+the `EndpointKeeper` writes back any of them that vanishes from the store while its pod lives: after the cluster's
+etcd is wiped and brought back, the pods of every node come back into the mesh within seconds, with identities
+allocated again, instead of never.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import ipaddress
+import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from certs.files import write_atomic
+from clustermesh.daemon.tasks import cancel_and_wait
 from clustermesh.model.addresses import ip_version
-from clustermesh.model.kinds import Object, kind_by_name
+from clustermesh.model.kinds import Kind, Object, kind_by_name
 from clustermesh.model.validation import DNS1123_LABEL, DNS1123_SUBDOMAIN
-from clustermesh.resources.store import NotFound, ResourceStore
+from clustermesh.resources.informing import Informer, object_ref
+from clustermesh.resources.store import NotFound, ResourceError, ResourceStore
 from clustermesh.resources.writing import create_or_update
 
-__all__ = ["EndpointManager", "EndpointRequest", "InvalidRequest"]
+__all__ = ["EndpointKeeper", "EndpointManager", "EndpointRequest", "InvalidRequest"]
+
+log = logging.getLogger(__name__)
 
 CILIUM_ENDPOINT = kind_by_name("CiliumEndpoint")
 
@@ -29,6 +45,10 @@ class Allocator(Protocol):
 
 class InvalidRequest(ValueError):
     """A request the agent refuses; the message names the field."""
+
+
+class IdentityError(Exception):
+    """Raised by an Allocator that cannot give an identity now (its range is full)."""
 
 
 @dataclass(frozen=True)
@@ -66,16 +86,45 @@ class EndpointRequest:
 
 
 class EndpointManager:
-    """Creates and deletes this node's CiliumEndpoints. An address outside the node's pod CIDRs is refused: the rest
-    of the mesh would refuse it too (admission), and it could take another node's pod."""
+    """Creates and deletes this node's CiliumEndpoints, and remembers them (`hosted`). An address outside the node's
+    pod CIDRs is refused: the rest of the mesh would refuse it too (admission), and it could take another node's
+    pod."""
 
     def __init__(
-        self, store: ResourceStore, allocator: Allocator, *, node_ip: str, pod_cidrs: list[str] | None = None
+        self,
+        store: ResourceStore,
+        allocator: Allocator,
+        *,
+        node_ip: str,
+        pod_cidrs: list[str] | None = None,
+        state_file: Path | None = None,
     ) -> None:
         self.store = store
         self.allocator = allocator
         self.node_ip = node_ip
         self.pod_cidrs = [ipaddress.ip_network(cidr, strict=False) for cidr in pod_cidrs or []]
+        self.state_file = state_file
+        #: (namespace, name) -> the request, for every endpoint this node hosts
+        self.hosted: dict[tuple[str, str], EndpointRequest] = self._load()
+
+    def _load(self) -> dict[tuple[str, str], EndpointRequest]:
+        if self.state_file is None or not self.state_file.exists():
+            return {}
+        try:
+            documents = json.loads(self.state_file.read_bytes())
+            requests = [EndpointRequest.parse(document) for document in documents]
+        except (OSError, ValueError, TypeError) as exc:  # InvalidRequest is a ValueError
+            log.error("%s is unreadable (%s): the endpoints this node hosts are forgotten until their pods come back",
+                      self.state_file, exc)  # fmt: skip
+            return {}
+        return {(request.namespace, request.name): request for request in requests}
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        documents = [dataclasses.asdict(request) for _, request in sorted(self.hosted.items())]
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.state_file, json.dumps(documents, indent=1).encode(), mode=0o600)
 
     def check_addresses(self, request: EndpointRequest) -> None:
         """Each address of the request must lie in one of this node's pod CIDRs (when the node has any)."""
@@ -110,11 +159,71 @@ class EndpointManager:
         self.check_addresses(request)
         identity = await self.allocator.allocate(request.labels, request.namespace)
         _, stored = await create_or_update(self.store, self._object(request, identity))
+        self.hosted[(request.namespace, request.name)] = request
+        self._save()
         return stored
 
     async def delete(self, namespace: str, name: str) -> bool:
+        if self.hosted.pop((namespace, name), None) is not None:
+            self._save()
         try:
             await self.store.delete(CILIUM_ENDPOINT, name, namespace)
         except NotFound:
             return False
         return True
+
+
+class EndpointKeeper:
+    """Writes back this node's endpoints that vanish from the store while their pods live; an informer Handler of
+    CiliumEndpoints. After its informer's first list, every hosted endpoint missing from it is written too (the
+    store was wiped while the agent was down)."""
+
+    def __init__(self, manager: EndpointManager, *, retry: float = 2.0) -> None:
+        self.manager = manager
+        self.retry = retry
+        self.restored = 0
+        self._missing: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+
+    def on_upsert(self, kind: Kind, obj: Object) -> None:
+        self._missing.discard(object_ref(obj))
+
+    def on_delete(self, kind: Kind, obj: Object) -> None:
+        ref = object_ref(obj)
+        if ref in self.manager.hosted:
+            self._missing.add(ref)
+            self._wake.set()
+
+    async def run(self) -> None:
+        informer = Informer(self.manager.store, CILIUM_ENDPOINT, self)
+        watching = asyncio.create_task(informer.run(), name="endpoint-keeper-informer")
+        try:
+            await informer.synced.wait()
+            self._missing |= set(self.manager.hosted) - set(informer.cache)
+            while True:
+                self._wake.clear()
+                failed = await self._restore()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.retry if failed else None):
+                        await self._wake.wait()
+        finally:
+            await cancel_and_wait([watching])
+
+    async def _restore(self) -> bool:
+        """Write every missing hosted endpoint; whether one failed (and is tried again soon)."""
+        failed = False
+        for ref in sorted(self._missing):
+            request = self.manager.hosted.get(ref)
+            if request is None:  # the pod went meanwhile
+                self._missing.discard(ref)
+                continue
+            try:
+                await self.manager.create(request)
+            except (ResourceError, IdentityError) as exc:
+                log.warning("endpoint %s/%s not restored yet: %s", ref[0], ref[1], exc)
+                failed = True
+                continue
+            self._missing.discard(ref)
+            self.restored += 1
+            log.info("endpoint %s/%s was gone from the store while its pod lives: written again", *ref)
+        return failed

@@ -16,13 +16,26 @@ cluster), kept as a CiliumIdentity object in the cluster's ResourceStore: `metad
   already returned a higher one.
 
 Identities are never released by the agent that allocated them; the `IdentityCollector` deletes those that no
-CiliumEndpoint of the cluster has referenced for a grace period, as Cilium's operator does.
+CiliumEndpoint of the cluster has referenced for a grace period, as Cilium's operator does. Every agent runs a
+collector, and collection races with reuse (one agent's collector finds X unused while another agent hands X to a
+new endpoint), so deletion is two steps, as Cilium's CRD identity GC does with its heartbeat annotation:
+
+1. an identity unused for the grace period is *marked*: the annotation `clustermesh.cilium.io/unused-since`;
+2. one `confirm_period` later, still marked and still unused, it is deleted with a precondition on the version the
+   collector marked (`resource_version`): any change since, an allocator's unmarking among them, makes the delete
+   fail with `Conflict`, and the identity stays.
+
+An allocator that reuses a marked identity removes the mark before it returns the number (and allocates anew if the
+identity is gone). So whatever the interleaving, an identity handed out is either unmarked (not deletable until
+marked again, which needs a grace period without references) or already deleted (and not handed out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import datetime
 import logging
 import sys
 import time
@@ -31,6 +44,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter
 
+from agent.endpoints import IdentityError
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.identities import IdentityRange, identity_range
 from clustermesh.model.kinds import Kind, Object, kind_by_name
@@ -46,6 +60,8 @@ from clustermesh.resources.store import AlreadyExists, Conflict, NotFound, Resou
 
 __all__ = [
     "CILIUM_ENDPOINT",
+    "UNUSED_ANNOTATION",
+    "is_marked",
     "CILIUM_IDENTITY",
     "DEFAULT_GC_GRACE_PERIOD",
     "DEFAULT_GC_INTERVAL",
@@ -64,12 +80,16 @@ CILIUM_IDENTITY = kind_by_name("CiliumIdentity")
 CILIUM_ENDPOINT = kind_by_name("CiliumEndpoint")
 DEFAULT_GC_GRACE_PERIOD = 15 * 60.0
 DEFAULT_GC_INTERVAL = 60.0
+#: Set by a collector on an identity it will delete if it stays unused (the value: when, RFC 3339).
+UNUSED_ANNOTATION = "clustermesh.cilium.io/unused-since"
+#: The identity's creation revision, kept when a mark updates the object (the oldest identity wins races).
+CREATED_AT_ANNOTATION = "clustermesh.cilium.io/created-revision"
 
 Outcome = Literal["existing", "created", "converged"]
 _OUTCOMES: tuple[Outcome, ...] = ("existing", "created", "converged")
 
 
-class IdentityRangeExhausted(Exception):
+class IdentityRangeExhausted(IdentityError):
     """Every number of the cluster's identity range is taken."""
 
 
@@ -95,10 +115,31 @@ def _identity_number(obj: Object, id_range: IdentityRange) -> int | None:
     return number if number in id_range else None
 
 
-def _revision(obj: Object) -> int:
-    """The object's resourceVersion as a number; identities are never updated, so it is their creation's."""
-    version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+def _creation(obj: Object) -> int:
+    """When the identity was created, as a revision: the creation annotation's (marks update the object, so its
+    resourceVersion moves), else its resourceVersion."""
+    metadata = obj.get("metadata") or {}
+    version = str((metadata.get("annotations") or {}).get(CREATED_AT_ANNOTATION) or metadata.get("resourceVersion", ""))
     return int(version) if version.isdigit() else sys.maxsize
+
+
+def is_marked(obj: Object) -> bool:
+    """Whether a collector marked the identity for deletion."""
+    return UNUSED_ANNOTATION in ((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def with_mark(obj: Object, mark: str | None) -> Object:
+    """A copy of the identity with the collector's mark set to `mark`, or removed (None)."""
+    marked = copy.deepcopy(obj)
+    metadata = marked.setdefault("metadata", {})
+    annotations = dict(metadata.get("annotations") or {})
+    if mark is None:
+        annotations.pop(UNUSED_ANNOTATION, None)
+    else:
+        annotations[UNUSED_ANNOTATION] = mark
+    annotations.setdefault(CREATED_AT_ANNOTATION, str(metadata.get("resourceVersion", "")))
+    metadata["annotations"] = annotations
+    return marked
 
 
 class IdentityIndex:
@@ -111,6 +152,7 @@ class IdentityIndex:
         self.range = id_range
         self._by_id: dict[int, tuple[str, int]] = {}  # number -> (label string, revision)
         self._by_labels: dict[str, set[int]] = {}
+        self.marked: set[int] = set()  # identities a collector marked for deletion
 
     @classmethod
     def of(cls, id_range: IdentityRange, objects: list[Object]) -> IdentityIndex:
@@ -125,12 +167,15 @@ class IdentityIndex:
             return None
         self.discard(number)
         labels = label_string(obj.get("security-labels") or {})
-        self._by_id[number] = (labels, _revision(obj))
+        self._by_id[number] = (labels, _creation(obj))
+        if is_marked(obj):
+            self.marked.add(number)
         if labels:  # an identity without labels matches nothing (Cilium ignores those)
             self._by_labels.setdefault(labels, set()).add(number)
         return number
 
     def discard(self, number: int) -> None:
+        self.marked.discard(number)
         old = self._by_id.pop(number, None)
         if old is not None and old[0]:
             numbers = self._by_labels[old[0]]
@@ -224,7 +269,7 @@ class IdentityAllocator:
         security = self.security_labels(labels, namespace)
         labels_key = label_string(security)
         known = self.index.winner(labels_key)
-        if known is not None:
+        if known is not None and await self._claim(known):
             self._count("existing")
             return known
         created: list[int] = []  # identities we created, over every attempt: the losers among them are deleted
@@ -271,6 +316,30 @@ class IdentityAllocator:
             f" ({len(snapshot)} in use)"
         )
 
+    async def _claim(self, number: int) -> bool:
+        """Make sure no collector deletes `number` now that it is handed out: remove a collector's mark, if any.
+        False if the identity is gone (the caller allocates anew)."""
+        if number not in self.index.marked:
+            return True
+        for _ in range(self.attempts):
+            current = await self.store.get(CILIUM_IDENTITY, str(number))
+            if current is None:
+                self.index.discard(number)
+                return False
+            if not is_marked(current):
+                return True
+            try:
+                updated = await self.store.update(with_mark(current, None))
+            except Conflict:
+                continue  # changed meanwhile (a collector, or another allocator): read it again
+            except NotFound:
+                self.index.discard(number)
+                return False
+            self.index.add(updated)
+            log.info("identity %d: reused, so no longer marked for collection", number)
+            return True
+        raise Conflict(f"identity {number}: could not remove the collector's mark after {self.attempts} tries")
+
     async def _settle(
         self, labels_key: str, created: list[int], snapshot: IdentityIndex, *, raced: bool
     ) -> tuple[int, Outcome]:
@@ -287,6 +356,10 @@ class IdentityAllocator:
         if winner in created:
             log.info("identity %d created for %s", winner, labels_key)
             return winner, "created"
+        if winner in snapshot.marked:
+            self.index.marked.add(winner)
+            if not await self._claim(winner):
+                raise Conflict(f"the identity for {labels_key} was collected while it was allocated")
         return winner, "converged" if losers or raced else "existing"
 
     async def _snapshot(self) -> IdentityIndex:
@@ -312,7 +385,8 @@ class IdentityAllocator:
 
 
 class IdentityCollector:
-    """Deletes the cluster's identities that no CiliumEndpoint has referenced for `grace_period` seconds.
+    """Deletes the cluster's identities that no CiliumEndpoint has referenced for `grace_period` seconds: it marks
+    them, and deletes them `confirm_period` later if they are still marked and unused (see the module's text).
 
     An informer Handler of both CiliumIdentity and CiliumEndpoint. `collect_once(now)` is the whole logic, one
     step; `run()` runs the two informers and calls it every `interval` seconds.
@@ -325,6 +399,7 @@ class IdentityCollector:
         *,
         grace_period: float = DEFAULT_GC_GRACE_PERIOD,
         interval: float = DEFAULT_GC_INTERVAL,
+        confirm_period: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         id_range: IdentityRange | None = None,
         registry: CollectorRegistry | None = None,
@@ -333,14 +408,19 @@ class IdentityCollector:
         self.cluster = cluster
         self.grace_period = grace_period
         self.interval = interval
+        #: How long a mark stays before the delete: far longer than an allocator's view of it can lag.
+        self.confirm_period = confirm_period if confirm_period is not None else min(grace_period, max(interval, 60.0))
         self.clock = clock
         self.range = id_range or identity_range(cluster.id, cluster.max_connected_clusters)
-        self.identities: set[int] = set()
+        self.identities: dict[int, Object] = {}  # our range's identities, as last seen
         self.references: dict[int, int] = {}  # identity -> how many endpoints use it
         self._endpoints: dict[Ref, int] = {}  # endpoint -> the identity it uses
         #: identity -> when a collection first found it unused
         self.unused_since: dict[int, float] = {}
+        #: identity -> when this collector first saw it marked
+        self.marked_at: dict[int, float] = {}
         self.deleted = 0
+        self.kept = 0  # deletes refused because the identity changed (was reused) since it was marked
         self.informers = (Informer(store, CILIUM_IDENTITY, self), Informer(store, CILIUM_ENDPOINT, self))
         #: Set once both kinds are listed: before, every identity would look unused.
         self.synced = asyncio.Event()
@@ -356,7 +436,9 @@ class IdentityCollector:
     def on_upsert(self, kind: Kind, obj: Object) -> None:
         if kind.name == CILIUM_IDENTITY.name:
             if (number := _identity_number(obj, self.range)) is not None:
-                self.identities.add(number)
+                self.identities[number] = obj
+                if not is_marked(obj):
+                    self.marked_at.pop(number, None)
         elif kind.name == CILIUM_ENDPOINT.name:
             self._unreference(object_ref(obj))
             number = _endpoint_identity(obj)
@@ -367,8 +449,9 @@ class IdentityCollector:
     def on_delete(self, kind: Kind, obj: Object) -> None:
         if kind.name == CILIUM_IDENTITY.name:
             if (number := _identity_number(obj, self.range)) is not None:
-                self.identities.discard(number)
+                self.identities.pop(number, None)
                 self.unused_since.pop(number, None)
+                self.marked_at.pop(number, None)
         elif kind.name == CILIUM_ENDPOINT.name:
             self._unreference(object_ref(obj))
 
@@ -399,24 +482,70 @@ class IdentityCollector:
         return expired
 
     async def collect_once(self, now: float | None = None) -> list[int]:
-        """Delete the identities unused for the grace period; return those this call deleted."""
+        """One round: mark what is unused for the grace period, delete what stayed marked and unused for the
+        confirm period, unmark what is used again. Returns the identities this call deleted."""
+        now = self.clock() if now is None else now
         deleted: list[int] = []
-        for number in self.expired(self.clock() if now is None else now):
-            try:
-                await self.store.delete(CILIUM_IDENTITY, str(number))
-            except NotFound:
-                log.debug("identity %d: already deleted by another agent", number)
-            except (Conflict, Unavailable) as exc:
-                log.warning("identity %d: not collected this time: %s", number, exc)
+        for number in self.expired(now):
+            obj = self.identities.get(number)
+            if obj is None:
                 continue
-            else:
+            if not is_marked(obj):
+                await self._mark(number, obj, now)
+                continue
+            if now - self.marked_at.setdefault(number, now) < self.confirm_period:
+                continue
+            if await self._delete(number, obj):
                 deleted.append(number)
-                log.info("identity %d: unused for %.0f s, deleted", number, self.grace_period)
-            self.unused_since.pop(number, None)
+        for number, obj in list(self.identities.items()):
+            if self.references.get(number) and is_marked(obj):
+                await self._set_mark(number, obj, None)  # used again (an endpoint came back): not deletable
         self.deleted += len(deleted)
         if self._deleted_total is not None and deleted:
             self._deleted_total.inc(len(deleted))
         return deleted
+
+    async def _mark(self, number: int, obj: Object, now: float) -> None:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if await self._set_mark(number, obj, stamp):
+            self.marked_at[number] = now
+            log.info("identity %d: unused for %.0f s, marked; deleted in %.0f s if still unused", number,
+                     self.grace_period, self.confirm_period)  # fmt: skip
+
+    async def _set_mark(self, number: int, obj: Object, mark: str | None) -> bool:
+        try:
+            updated = await self.store.update(with_mark(obj, mark))
+        except NotFound:
+            self.on_delete(CILIUM_IDENTITY, obj)
+            return False
+        except (Conflict, Unavailable) as exc:  # changed meanwhile: the informer brings it, the next round decides
+            log.info("identity %d: not %s this time: %s", number, "marked" if mark else "unmarked", exc)
+            return False
+        self.identities[number] = updated
+        return True
+
+    async def _delete(self, number: int, obj: Object) -> bool:
+        """Delete the version we marked, and only that one."""
+        version = str((obj.get("metadata") or {}).get("resourceVersion", "")) or None
+        try:
+            await self.store.delete(CILIUM_IDENTITY, str(number), resource_version=version)
+        except NotFound:
+            log.debug("identity %d: already deleted by another agent", number)
+        except Conflict:
+            self.kept += 1
+            log.info("identity %d: changed since it was marked (reused): kept", number)
+            return False
+        except Unavailable as exc:
+            log.warning("identity %d: not collected this time: %s", number, exc)
+            return False
+        else:
+            log.info("identity %d: unused for %.0f s, deleted", number, self.grace_period + self.confirm_period)
+            self.unused_since.pop(number, None)
+            self.marked_at.pop(number, None)
+            return True
+        self.unused_since.pop(number, None)
+        self.marked_at.pop(number, None)
+        return False
 
     async def collect_forever(self) -> None:
         """`collect_once` every `interval` seconds, until cancelled (for informers wired by the caller)."""

@@ -33,10 +33,10 @@ from agent.datapath.ipsec import IpsecDriver
 from agent.datapath.netlink import DatapathError
 from agent.datapath.pods import PodNetwork
 from agent.datapath.routing import Driver, Router
-from agent.endpoints import EndpointManager
+from agent.endpoints import EndpointKeeper, EndpointManager
 from agent.identities import IdentityAllocator, IdentityCollector
 from agent.mesh import Mesh
-from agent.publishing import NodeSpec, run_node_publisher
+from agent.publishing import NodePublisher, NodeSpec
 from agent.rendering import RemoteRenderer
 from agent.view import MergedView
 from agent.wgkeys import load_or_create
@@ -204,9 +204,11 @@ class Agent:
             self.allocator = IdentityAllocator(store, self.settings.cluster)
             collector = IdentityCollector(store, self.settings.cluster, grace_period=self.settings.identity_gc_grace)
             node_ip = self.settings.node_ips[0] if self.settings.node_ips else ""
-            self.endpoints = EndpointManager(store, self.allocator, node_ip=node_ip, pod_cidrs=self.settings.pod_cidrs)
+            self.endpoints = EndpointManager(store, self.allocator, node_ip=node_ip, pod_cidrs=self.settings.pod_cidrs,
+                                             state_file=self.settings.state_dir / "endpoints.json")  # fmt: skip
             jobs: list[Coroutine[Any, Any, None]] = [
-                run_node_publisher(store, self.node_spec()),
+                NodePublisher(store, self.node_spec()).run(),
+                EndpointKeeper(self.endpoints).run(),
                 self.allocator.run(),
                 collector.run(),
                 Informer(store, kind_by_name("Service"), LocalServices(self.mesh.view)).run(),
@@ -340,7 +342,8 @@ def _boot_id() -> str:
               default=Path("/var/lib/clustermesh"), show_default=True)  # fmt: skip
 @click.option("--boot-id", default=None, help="Default: the kernel's boot ID.")
 @click.option("--identity-gc-grace", default=900.0, show_default=True,
-              help="Seconds an identity no endpoint uses is kept before it is deleted.")  # fmt: skip
+              help="Seconds an identity no endpoint uses is kept before it is marked for deletion (deleted a "
+                   "minute later if still unused).")  # fmt: skip
 @click.option(
     "--datapath",
     type=click.Choice(["none", "native", "wireguard", "ipsec", "vxlan"]),

@@ -10,7 +10,9 @@ Every check runs before anything is written, on either side:
 
 Then, for each direction A -> B: the read-only user `remote-A` on B's etcd (role `remote`), its client certificate
 signed by B's CA, and a ClusterMeshRemote object named B in A's ResourceStore (B's endpoints, the CA to trust, the
-certificate and key), from which A's agents render their config directory.
+certificate and key), from which A's agents render their config directory. The ResourceStore is the one the
+context's `source` names (the standalone `registry/` of A's etcd, or A's Kubernetes API server): the one A's agents
+read, whatever it is.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from clustermesh.contexts import Context
 from clustermesh.model import keys, wire
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import kind_by_name
-from clustermesh.resources.standalone import StandaloneStore
-from clustermesh.resources.store import NotFound
+from clustermesh.resources.store import NotFound, ResourceError, ResourceStore
 from kvstore import errors, etcd, users
 from kvstore.config import EtcdConfig
 
@@ -51,6 +52,11 @@ class Side:
     cluster_config: wire.ClusterConfig
     ca_pem: bytes
     pki: certs.ClusterPKI | None
+    store: ResourceStore
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.backend.close()
 
     @property
     def endpoints(self) -> list[str]:
@@ -90,7 +96,11 @@ async def open_side(context: Context, base: Path, pki_dir: Path | None) -> Side:
             ) from None
         directory = pki_dir or config.ca_file.parent
         pki = certs.ClusterPKI(directory) if (directory / "ca.key").exists() else None
-        return Side(context, config, backend, name, cluster_config, config.ca_file.read_bytes(), pki)
+        try:
+            store = context.open_store(backend)
+        except ResourceError as exc:
+            raise ConnectError(f"context {context.name}: its {context.source} store: {exc}") from None
+        return Side(context, config, backend, name, cluster_config, config.ca_file.read_bytes(), pki, store)
     except BaseException:
         await backend.close()
         raise
@@ -143,7 +153,7 @@ async def _hand_over(src: Side, dst: Side, bundle: bytes | None) -> None:
             "key": paths.key.read_text(),
         },
     }
-    store = StandaloneStore(src.backend)
+    store = src.store
     current = await store.get(REMOTE_KIND, dst.cluster)
     if current is None:
         await store.create(remote)
@@ -166,7 +176,7 @@ async def disconnect_clusters(a: Side, b: Side) -> list[str]:
     done = []
     for src, dst in ((a, b), (b, a)):
         with contextlib.suppress(NotFound):
-            await StandaloneStore(src.backend).delete(REMOTE_KIND, dst.cluster)
+            await src.store.delete(REMOTE_KIND, dst.cluster)
             done.append(f"{src.cluster} no longer reads {dst.cluster}")
         if await users.remove_remote_user(dst.backend, src.cluster):
             done.append(f"user remote-{src.cluster} removed from {dst.cluster}")

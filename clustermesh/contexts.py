@@ -7,7 +7,16 @@
         ca: /path/ca.crt
         cert: /path/admin-c1.crt
         key: /path/admin-c1.key
+      c2:                                   # a cluster whose resources live in Kubernetes
+        endpoints: [https://10.0.0.2:2379]  # its etcd all the same: remote users are etcd users
+        ca: ...
+        source: kubernetes
+        kubeconfig: /path/kubeconfig        # optional: the default kubeconfig (or in-cluster)
+        kube-context: c2                    # optional
 
+`source` says where the cluster's ResourceStore is (as the cluster's apiserver and agents are told with their
+`--source`): `standalone` (the default: `registry/` of the same etcd) or `kubernetes`. Commands that write objects
+(`apply`, `delete`, `connect`) write them there, so the cluster's agents see them whatever their source.
 The file is `--config FILE`, else `$CLUSTERMESH_CONFIG`, else `~/.config/clustermesh/config.yaml`. It is written
 atomically (mode 0600: it points at private keys). Relative paths are kept as given and resolved against the
 file's folder when used. A broken file gives an error that names the file and what is wrong, and is never
@@ -24,9 +33,12 @@ from typing import Any
 import yaml
 
 from certs.files import write_atomic
+from clustermesh.resources.opening import open_resource_store
+from clustermesh.resources.store import ResourceStore
+from kvstore.backend import Backend
 from kvstore.config import EtcdConfig
 
-__all__ = ["Context", "ContextError", "ContextFile", "default_config_path"]
+__all__ = ["SOURCES", "Context", "ContextError", "ContextFile", "default_config_path"]
 
 
 class ContextError(Exception):
@@ -40,6 +52,9 @@ def default_config_path() -> Path:
     return Path.home() / ".config" / "clustermesh" / "config.yaml"
 
 
+SOURCES = ("standalone", "kubernetes")
+
+
 @dataclass
 class Context:
     name: str
@@ -47,6 +62,13 @@ class Context:
     ca: str
     cert: str
     key: str
+    source: str = "standalone"
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ContextError(f"context {self.name}: source {self.source!r} must be one of {', '.join(SOURCES)}")
 
     def etcd_config(self, base: Path) -> EtcdConfig:
         def resolve(value: str) -> Path:
@@ -55,8 +77,19 @@ class Context:
 
         return EtcdConfig(self.endpoints, resolve(self.ca), resolve(self.cert), resolve(self.key))
 
+    def open_store(self, backend: Backend) -> ResourceStore:
+        """The cluster's ResourceStore, by this context's source (close it when done)."""
+        return open_resource_store(self.source, backend, self.kubeconfig, self.kube_context)
+
     def as_dict(self) -> dict[str, Any]:
-        return {"endpoints": self.endpoints, "ca": self.ca, "cert": self.cert, "key": self.key}
+        document: dict[str, Any] = {"endpoints": self.endpoints, "ca": self.ca, "cert": self.cert, "key": self.key}
+        if self.source != "standalone":
+            document["source"] = self.source
+        if self.kubeconfig:
+            document["kubeconfig"] = self.kubeconfig
+        if self.kube_context:
+            document["kube-context"] = self.kube_context
+        return document
 
 
 @dataclass
@@ -85,12 +118,16 @@ class ContextFile:
             if missing:
                 raise ContextError(f"{path}: context {name!r} lacks {', '.join(missing)}")
             endpoints = entry["endpoints"]
+            optional = {field: entry.get(key) for field, key in (("kubeconfig", "kubeconfig"),
+                                                                 ("kube_context", "kube-context"))}  # fmt: skip
             contexts[str(name)] = Context(
                 str(name),
                 [endpoints] if isinstance(endpoints, str) else [str(e) for e in endpoints],
                 str(entry["ca"]),
                 str(entry["cert"]),
                 str(entry["key"]),
+                source=str(entry.get("source") or "standalone"),
+                **{field: str(value) if value else None for field, value in optional.items()},
             )
         current = data.get("current-context")
         return cls(path, contexts, str(current) if current else None)

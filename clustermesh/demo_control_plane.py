@@ -303,9 +303,9 @@ async def _connect(contexts: ContextFile, source: str, destination: str) -> list
         try:
             return await connecting.connect_clusters(a, b, allow_mismatching_ca=False)
         finally:
-            await b.backend.close()
+            await b.close()
     finally:
-        await a.backend.close()
+        await a.close()
 
 
 async def _status_when(socket: Path, condition: Callable[[AgentStatus], bool], timeout: float = 60.0) -> AgentStatus:

@@ -33,9 +33,9 @@ def _sides_and(controls: Controls, destination: str, pki: tuple[Path | None, Pat
                 result: list[str] = await work(a, b)
                 return result
             finally:
-                await b.backend.close()
+                await b.close()
         finally:
-            await a.backend.close()
+            await a.close()
 
     try:
         return asyncio.run(run())

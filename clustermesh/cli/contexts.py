@@ -6,7 +6,7 @@ import click
 
 from clustermesh import output
 from clustermesh.cli.root import Controls, cli, output_option, pass_controls
-from clustermesh.contexts import Context, ContextError
+from clustermesh.contexts import SOURCES, Context, ContextError
 from kvstore import errors as kverrors
 
 
@@ -21,12 +21,20 @@ def context_group() -> None:
 @click.option("--ca", required=True, help="CA file that signed etcd's server certificate.")
 @click.option("--cert", required=True, help="Client certificate (its CN is the etcd user).")
 @click.option("--key", required=True, help="The client certificate's key.")
+@click.option("--source", type=click.Choice(list(SOURCES)), default="standalone", show_default=True,
+              help="Where the cluster's resources live (as its apiserver's --source): apply, delete and connect "
+                   "write there.")  # fmt: skip
+@click.option("--kubeconfig", default=None, help="With --source kubernetes: the kubeconfig (default: the usual one).")
+@click.option("--kube-context", default=None, help="With --source kubernetes: the kubeconfig's context.")
 @pass_controls
-def context_add(controls: Controls, name: str, endpoints: tuple[str, ...], ca: str, cert: str, key: str) -> None:
+def context_add(controls: Controls, name: str, endpoints: tuple[str, ...], ca: str, cert: str, key: str,
+                source: str, kubeconfig: str | None, kube_context: str | None) -> None:  # fmt: skip
     """Add (or replace) context NAME; the first context added becomes the current one."""
     contexts = controls.contexts()
     urls = [url for value in endpoints for url in value.split(",") if url]
-    context = Context(name, urls, ca, cert, key)
+    if source == "standalone" and (kubeconfig or kube_context):
+        raise click.UsageError("--kubeconfig and --kube-context go with --source kubernetes")
+    context = Context(name, urls, ca, cert, key, source=source, kubeconfig=kubeconfig, kube_context=kube_context)
     try:
         context.etcd_config(controls.config.parent)  # refuses plaintext and malformed URLs now, not at use
     except kverrors.KVStoreError as exc:
@@ -62,9 +70,9 @@ def context_list(controls: Controls, output_format: str) -> None:
         )
         return
     output.print_table(
-        ["CURRENT", "NAME", "ENDPOINTS", "CERT"],
+        ["CURRENT", "NAME", "ENDPOINTS", "CERT", "SOURCE"],
         [
-            ("*" if n == contexts.current else "", n, ", ".join(c.endpoints), c.cert)
+            ("*" if n == contexts.current else "", n, ", ".join(c.endpoints), c.cert, c.source)
             for n, c in sorted(contexts.contexts.items())
         ],
     )

@@ -158,6 +158,23 @@ def lab_node_remove(name: str, node: str) -> None:
     _lab_errors(lambda: Lab.existing(name, progress=output.step).remove_node(node))
 
 
+@lab_group.command("wipe-etcd")
+@click.argument("name")
+@click.argument("cluster")
+def lab_wipe_etcd(name: str, cluster: str) -> None:
+    """Lose CLUSTER's etcd (c1, c2, ...) of lab NAME and bring it back empty, then run what an operator would
+    (etcd init, connect again): its apiserver and agents refill it by themselves. For fault-injection tests."""
+    from clustermesh.lab.lab import Lab
+    from clustermesh.lab.layout import LabError
+
+    def wipe() -> None:
+        if not re.fullmatch(r"c[1-9]", cluster):
+            raise LabError(f"cluster {cluster!r}: name it as the lab does, c1, c2, ...")
+        Lab.existing(name, progress=output.step).wipe_etcd(int(cluster[1:]))
+
+    _lab_errors(wipe)
+
+
 @lab_group.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("pod")

@@ -17,7 +17,6 @@ import click
 
 from clustermesh import __version__
 from clustermesh.contexts import ContextError, ContextFile, default_config_path
-from clustermesh.resources.standalone import StandaloneStore
 from clustermesh.resources.store import ResourceError, ResourceStore
 from kvstore import errors as kverrors
 from kvstore import etcd
@@ -42,7 +41,7 @@ class Controls:
             raise click.ClickException(str(exc)) from None
 
     def with_store(self, work: Callable[[ResourceStore], Coroutine[Any, Any, T]]) -> T:
-        """Connect to the context's etcd, run `work` with a standalone store over it, close."""
+        """Connect to the context's etcd, run `work` with the cluster's store (its context's source), close."""
         if self.store is not None:
             return asyncio.run(work(self.store))
         try:
@@ -54,7 +53,11 @@ class Controls:
         async def session() -> T:
             backend = await etcd.connect(config)
             try:
-                return await work(StandaloneStore(backend))
+                store = context.open_store(backend)
+                try:
+                    return await work(store)
+                finally:
+                    await store.close()
             finally:
                 await backend.close()
 

@@ -18,16 +18,24 @@ log = logging.getLogger(__name__)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, patience: float = 2.0, rounds: int = 10) -> None:
-    """Cancel every task and wait until all have ended; those still running after `patience` s are cancelled again."""
+    """Cancel every task and wait until all have ended; those still running after `patience` s are cancelled again.
+
+    The error a task ended with (before or during its cancellation: watchers of one broken connection all fail
+    together) is retrieved here: the caller reported the one that mattered, and asyncio would otherwise log each
+    of the others as "Task exception was never retrieved" when it is garbage-collected."""
+    tasks = list(tasks)
     pending = {task for task in tasks if not task.done()}
     for _ in range(rounds):
         if not pending:
-            return
+            break
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=patience)
     if pending:
         log.error("tasks would not stop: %s", ", ".join(getattr(t, "get_name", lambda: "?")() for t in pending))
+    for task in tasks:
+        if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("%s ended with %s: %s", getattr(task, "get_name", lambda: "a task")(), type(exc).__name__, exc)
 
 
 async def run_together(jobs: list[Coroutine[Any, Any, None]]) -> None:

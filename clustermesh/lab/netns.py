@@ -109,6 +109,14 @@ def stop_processes(pids: Iterable[int], *, grace: float = 5.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def command_name(pid: int) -> str:
+    """The process's command name (`comm`), or "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     """A PID that runs (a zombie does not: it has ended, only its parent has not collected it). The state is the
     field after the command's closing parenthesis: a command may hold spaces."""

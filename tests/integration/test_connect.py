@@ -190,3 +190,44 @@ async def test_connect_then_a_real_agent_reads_the_peer(
 async def test_status_without_an_agent_says_so(running: Path, tmp_path: Path) -> None:
     code, _, err = await cli(running, "status", "--socket", str(tmp_path / "none.sock"))
     assert code == 2 and "is clustermesh-agent running" in err
+
+
+def in_kubernetes_source(contexts: Path, name: str, kubeconfig: Path, server: str) -> None:
+    """Context `name` of the contexts file, now with its resources in the Kubernetes API server at `server`."""
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": name,
+        "clusters": [{"name": name, "cluster": {"server": server}}],
+        "users": [{"name": "admin", "user": {"token": "t"}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": "admin"}}],
+    }))  # fmt: skip
+    document = yaml.safe_load(contexts.read_text())
+    document["contexts"][name].update({"source": "kubernetes", "kubeconfig": str(kubeconfig)})
+    contexts.write_text(yaml.safe_dump(document))
+
+
+async def test_connect_writes_through_the_clusters_store_whatever_its_source(
+    clusters: dict[str, MeshCluster], running: Path, tmp_path: Path
+) -> None:
+    """c1's resources live in Kubernetes (the stand-in API server: no real one runs here): its agents, started with
+    --source kubernetes, read ClusterMeshRemote objects from there, so that is where connect must write c1's side.
+    c2 stays standalone. Disconnect removes both again."""
+    from tests.k8s_standin import StandinAPIServer
+
+    server = StandinAPIServer().start()
+    try:
+        in_kubernetes_source(running, "c1", tmp_path / "kubeconfig", server.url)
+        code, out, err = await cli(running, "--context", "c1", "connect", "--destination-context", "c2",
+                                   "--allow-mismatching-ca")  # fmt: skip
+        assert code == 0, err
+        in_kubernetes = server.objects(REMOTE)
+        assert [obj["metadata"]["name"] for obj in in_kubernetes] == ["c2"], "c1's side: in its Kubernetes"
+        assert in_kubernetes[0]["spec"]["endpoints"] == clusters["c2"].config("root").endpoints
+        assert await written(clusters["c1"]) == (["remote-c2"], []), "nothing in c1's etcd registry"
+        assert await written(clusters["c2"]) == (["remote-c1"], ["c1"]), "c2's side: in its standalone store"
+        code, out, _ = await cli(running, "context", "list")
+        assert "kubernetes" in out
+        code, _, err = await cli(running, "--context", "c1", "disconnect", "--destination-context", "c2")
+        assert code == 0, err
+        assert server.objects(REMOTE) == [] and await written(clusters["c2"]) == ([], [])
+    finally:
+        server.stop()

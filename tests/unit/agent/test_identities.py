@@ -20,6 +20,7 @@ from agent.identities import (
     IdentityAllocator,
     IdentityCollector,
     IdentityRangeExhausted,
+    is_marked,
 )
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.identities import IdentityRange
@@ -319,12 +320,71 @@ async def test_collect_once_deletes_and_counts_and_an_identity_already_gone_is_f
         obj = await store.create(identity(number, {"app": str(number)}))
         collector.on_upsert(CILIUM_IDENTITY, obj)
     collector.on_upsert(CILIUM_IDENTITY, identity(FIRST + 2, {"app": "x"}))  # another agent deleted it already
+    assert collector.confirm_period == 10
     assert await collector.collect_once(0) == []
-    assert await collector.collect_once(10) == [FIRST, FIRST + 1]
+    assert await collector.collect_once(10) == [], "unused for the grace period: marked, not deleted yet"
+    marked = (await store.list(CILIUM_IDENTITY)).items
+    assert [is_marked(obj) for obj in marked] == [True, True]
+    assert FIRST + 2 not in collector.identities, "gone already: forgotten"
+    assert await collector.collect_once(19) == []
+    assert await collector.collect_once(20) == [FIRST, FIRST + 1]
     assert await stored_ids(store) == []
     assert collector.deleted == 2
     assert registry.get_sample_value("clustermesh_identity_gc_deleted_total") == 2
-    assert await collector.collect_once(11) == [], "not deleted twice while the informer catches up"
+    assert await collector.collect_once(21) == [], "not deleted twice while the informer catches up"
+
+
+async def test_collection_racing_a_reuse_never_deletes_an_identity_handed_out(store: StandaloneStore) -> None:
+    """Agent A's collector finds X unused and marks it; agent B hands X to a new pod before A's view of the store
+    shows the pod. A's delete, of the version it marked, fails: X stays, as B's pod needs it."""
+    created = await store.create(identity(FIRST, {"app": "web"}))
+    collector = IdentityCollector(store, C1, grace_period=10, confirm_period=5)  # agent A, fed by hand: its view
+    collector.on_upsert(CILIUM_IDENTITY, created)  # lags behind the store exactly as the test says
+    assert await collector.collect_once(0) == [] and await collector.collect_once(10) == []
+    marked = await store.get(CILIUM_IDENTITY, str(FIRST))
+    assert marked is not None and is_marked(marked)
+
+    allocator = IdentityAllocator(store, C1)  # agent B, whose informer has seen the mark
+    allocator.on_upsert(CILIUM_IDENTITY, marked)
+    assert await allocator.allocate({"app": "web"}, "shop") == FIRST
+    reused = await store.get(CILIUM_IDENTITY, str(FIRST))
+    assert reused is not None and not is_marked(reused), "the allocator took the mark away before answering"
+
+    assert await collector.collect_once(20) == [], "A still thinks X is marked and unused: its delete is refused"
+    assert collector.kept == 1
+    assert await stored_ids(store) == [FIRST]
+    collector.on_upsert(CILIUM_IDENTITY, reused)  # A's informer catches up: nothing left to do
+    collector.on_upsert(CILIUM_ENDPOINT, endpoint("web-1", FIRST))
+    assert await collector.collect_once(100) == [] and await stored_ids(store) == [FIRST]
+
+
+async def test_an_allocator_asked_for_a_collected_identity_makes_a_new_one(store: StandaloneStore) -> None:
+    """The other order: the collector deleted X before the allocator could unmark it. The allocator's index still
+    holds X (marked): it must not hand out a deleted number."""
+    created = await store.create(identity(FIRST, {"app": "web"}))
+    collector = IdentityCollector(store, C1, grace_period=10, confirm_period=5)
+    collector.on_upsert(CILIUM_IDENTITY, created)
+    await collector.collect_once(0)
+    await collector.collect_once(10)
+    marked = await store.get(CILIUM_IDENTITY, str(FIRST))
+    assert marked is not None
+    allocator = IdentityAllocator(store, C1)
+    allocator.on_upsert(CILIUM_IDENTITY, marked)  # its view: X exists, marked
+    assert await collector.collect_once(20) == [FIRST]
+    number = await allocator.allocate({"app": "web"}, "shop")
+    assert await stored_ids(store) == [number], "the number handed out exists"
+
+
+async def test_a_marked_identity_used_again_is_unmarked_by_the_collector(store: StandaloneStore) -> None:
+    created = await store.create(identity(FIRST, {"app": "web"}))
+    collector = IdentityCollector(store, C1, grace_period=10, confirm_period=5)
+    collector.on_upsert(CILIUM_IDENTITY, created)
+    await collector.collect_once(0)
+    await collector.collect_once(10)
+    collector.on_upsert(CILIUM_ENDPOINT, endpoint("web-1", FIRST))  # an endpoint restored from a backup
+    assert await collector.collect_once(20) == []
+    current = await store.get(CILIUM_IDENTITY, str(FIRST))
+    assert current is not None and not is_marked(current)
 
 
 @pytest.mark.looptime

@@ -63,3 +63,29 @@ async def test_waiting_returns_when_the_awaited_comes_and_times_out_otherwise() 
             await wait_while_running(asyncio.Event().wait(), running, timeout=0.05, what="never")
     finally:
         running.cancel()
+
+
+async def test_errors_of_tasks_that_failed_together_are_retrieved(caplog: pytest.LogCaptureFixture) -> None:
+    """Watchers of one broken connection fail together; the caller reports one. The others' errors must not be
+    logged later as "Task exception was never retrieved"."""
+    import gc
+
+    from clustermesh.daemon.tasks import cancel_and_wait
+
+    async def broken(name: str) -> None:
+        raise ConnectionError(f"{name}: stream removed")
+
+    async def failing_when_cancelled() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            raise ConnectionError("closing a broken stream failed")
+
+    tasks = [asyncio.create_task(broken(name)) for name in ("nodes", "endpoints", "heartbeat")]
+    tasks.append(asyncio.create_task(failing_when_cancelled()))
+    await asyncio.sleep(0.01)
+    await cancel_and_wait(tasks)
+    del tasks
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text

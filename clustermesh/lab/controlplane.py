@@ -1,0 +1,141 @@
+"""Each cluster's control plane in the lab: the PKI, etcd (mTLS, in the cluster's control-plane namespace), its
+users, the clustermesh-apiserver, and the clusters joined with `clustermesh connect`. Also what an operator does to
+a cluster's control plane: wipe its etcd and bring it back (`wipe_etcd`), and delete a node's objects."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+
+import certs
+from clustermesh import connecting
+from clustermesh.contexts import Context, ContextFile
+from clustermesh.lab import netns
+from clustermesh.lab.state import BIN, LabContext
+from clustermesh.model.kinds import kind_by_name
+from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
+from clustermesh.resources.standalone import StandaloneStore
+from kvstore import etcd, users
+
+__all__ = ["connect_all", "delete_node_objects", "init_users", "make_pki", "start_apiserver", "start_etcd", "wipe_etcd"]
+
+
+def make_pki(ctx: LabContext) -> None:
+    ctx.ca = certs.create_ca(f"{ctx.layout.name}-mesh-ca")
+    for cluster in ctx.layout.all_clusters():
+        certs.create_cluster_pki(ctx.pki(cluster.index).directory, cluster.name,
+                                 server_hosts=[cluster.control_plane_ip], ca=ctx.ca)  # fmt: skip
+    ctx.progress(f"PKI: one CA for the lab, a folder per cluster in {ctx.state_dir}")
+
+
+def etcd_spec(ctx: LabContext, index: int) -> EtcdSpec:
+    cluster = ctx.layout.cluster(index)
+    pki = ctx.pki(index)
+    return EtcdSpec(
+        name=cluster.name, data_dir=ctx.state_dir / cluster.name / "etcd", ca_file=pki.ca.cert,
+        cert_file=pki.server.cert, key_file=pki.server.key, host=cluster.control_plane_ip, client_port=2379,
+        peer_port=2380, wrapper=netns.nsenter(cluster.control_plane_netns),
+        log_file=ctx.state_dir / "logs" / f"etcd-{cluster.name}.log",
+    )  # fmt: skip
+
+
+def start_etcd(ctx: LabContext, index: int) -> None:
+    cluster = ctx.layout.cluster(index)
+    process = EtcdProcess(etcd_spec(ctx, index))
+    process.start()
+    ctx.progress(f"{cluster.name}: etcd on {cluster.etcd_url} in {cluster.control_plane_netns} (pid {process.pid})")
+
+
+def etcd_pid(ctx: LabContext, index: int) -> int | None:
+    """The PID of the cluster's etcd, found in its control-plane namespace (the process that started it is gone)."""
+    namespace = ctx.layout.cluster(index).control_plane_netns
+    found = [pid for pid in netns.processes_in([namespace]) if netns.command_name(pid) == "etcd"]
+    return found[0] if found else None
+
+
+def wipe_etcd(ctx: LabContext, index: int) -> None:
+    """What losing a cluster's etcd looks like: kill it, remove its data, start it empty. (An operator then runs
+    `clustermesh etcd init` and `clustermesh connect` again: `init_users` and `connect_all(only=...)`.)"""
+    cluster = ctx.layout.cluster(index)
+    pid = etcd_pid(ctx, index)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while netns.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # another process's death: there is nothing to wait on but its /proc entry
+    spec = etcd_spec(ctx, index)
+    shutil.rmtree(spec.data_dir, ignore_errors=True)
+    ctx.progress(f"{cluster.name}: etcd killed (pid {pid}) and its data removed")
+    start_etcd(ctx, index)
+
+
+async def init_users(ctx: LabContext, clusters: list[int] | None = None) -> None:
+    path = ctx.state_dir / "contexts.yaml"
+    contexts = ContextFile.load(path) if path.exists() else ContextFile(path)
+    for cluster in ctx.layout.all_clusters():
+        if clusters is not None and cluster.index not in clusters:
+            continue
+        config = ctx.config(cluster.index, "root")
+        backend = await etcd.connect(config)
+        try:
+            await users.ensure_cluster_users(backend, cluster.name)
+        finally:
+            await backend.close()
+        contexts.add(Context(cluster.name, config.endpoints, str(config.ca_file), str(config.cert_file),
+                             str(config.key_file)))  # fmt: skip
+    contexts.save()
+
+
+def start_apiserver(ctx: LabContext, index: int) -> None:
+    cluster = ctx.layout.cluster(index)
+    config = ctx.config(index, f"admin-{cluster.name}")
+    child = ctx.child(
+        f"apiserver-{cluster.name}",
+        cluster.control_plane_netns,
+        [
+            str(BIN / "clustermesh-apiserver"), "--cluster-name", cluster.name, "--cluster-id", str(cluster.id),
+            "--source", "standalone", "--kvstore-endpoints", cluster.etcd_url,
+            "--kvstore-ca", str(config.ca_file), "--kvstore-cert", str(config.cert_file),
+            "--kvstore-key", str(config.key_file),
+            "--health-address", f"{cluster.control_plane_ip}:9880",
+            "--metrics-address", f"{cluster.control_plane_ip}:9962",
+        ],
+        r"every prefix synced",
+    )  # fmt: skip
+    ctx.progress(f"{cluster.name}: clustermesh-apiserver (pid {child.pid}), cluster ID {cluster.id}")
+
+
+async def connect_all(ctx: LabContext, *, only: str | None = None) -> None:
+    contexts = ContextFile.load(ctx.state_dir / "contexts.yaml")
+    names = [c.name for c in ctx.layout.all_clusters()]
+    for i, source in enumerate(names):
+        for destination in names[i + 1 :]:
+            if only is not None and only not in (source, destination):
+                continue
+            a = await connecting.open_side(contexts.get(source), contexts.path.parent, None)
+            try:
+                b = await connecting.open_side(contexts.get(destination), contexts.path.parent, None)
+                try:
+                    await connecting.connect_clusters(a, b, allow_mismatching_ca=False)
+                finally:
+                    await b.close()
+            finally:
+                await a.close()
+            ctx.progress(f"clustermesh connect --context {source} --destination-context {destination}")
+
+
+async def delete_node_objects(ctx: LabContext, cluster: int, node_name: str, pods: list[str]) -> None:
+    """What a Kubernetes control plane does when a node goes: its CiliumNode and its pods' endpoints are deleted."""
+    backend = await etcd.connect(ctx.config(cluster, f"admin-c{cluster}"))
+    try:
+        store = StandaloneStore(backend)
+        for pod in pods:
+            with contextlib.suppress(Exception):
+                await store.delete(kind_by_name("CiliumEndpoint"), pod, "default")
+        with contextlib.suppress(Exception):  # a node that never got as far as publishing itself
+            await store.delete(kind_by_name("CiliumNode"), node_name)
+    finally:
+        await backend.close()
