@@ -1,1 +1,1 @@
-"""clustermesh-agent: one per node, reads every cluster's etcd and programs the datapath (issues 5 and 6)."""
+"""clustermesh-agent: one per node, reads every cluster's etcd and programs the datapath."""

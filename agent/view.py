@@ -3,7 +3,7 @@
 Each cluster (the local one included) feeds it through four observers, one per state prefix, which its WatchStores
 call in order. The view keeps, per key, what each cluster said, so that two clusters claiming one IP (a broken mesh)
 do not make one cluster's delete wipe the other's entry; it answers lookups, counts per cluster, and tells its
-subscribers every change in order (`subscribe()`, one queue each): the datapath of the next issue programs itself
+subscribers every change in order (`subscribe()`, one queue each): the datapath (routes, tunnels) programs itself
 from those changes.
 
 Global services are merged here, with Cilium's rules: backends from every cluster that exports the service with

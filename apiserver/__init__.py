@@ -1,1 +1,1 @@
-"""clustermesh-apiserver: one per cluster, the single writer of the cluster's `cilium/` keys (issue 4)."""
+"""clustermesh-apiserver: one per cluster, the single writer of the cluster's `cilium/` keys ."""

@@ -9,7 +9,7 @@ A running apiserver (in-process, standalone store, fresh etcd) receives N Cilium
 - baseline: the same N ipcache keys and values written with raw batched transactions (128 per transaction,
   8 in flight), raw_s.
 
-ipcache_ratio = ipcache_s / raw_s (the issue's figure: apply included); ipcache_bulk_ratio = bulk_s / raw_s (the
+ipcache_ratio = ipcache_s / raw_s (apply included); ipcache_bulk_ratio = bulk_s / raw_s (the
 apiserver's own pipeline: watch, convert, write). Usage: python bench/apiserver.py [--quick] [--count N].
 The last line is one JSON object of all figures.
 """

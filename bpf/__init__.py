@@ -1,1 +1,1 @@
-"""eBPF programs, their loader and typed map access (issue 6 and later)."""
+"""eBPF programs, their loader and typed map access: empty so far (the datapath is routes and tunnels)."""

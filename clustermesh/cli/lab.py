@@ -22,13 +22,18 @@ def lab_group() -> None:
 
 
 def _lab_errors(work: Callable[[], T]) -> T:
+    """A lab's errors, and those of what it drives (etcd, connect, a child process), as one line each."""
+    from clustermesh.connecting import ConnectError
     from clustermesh.lab.layout import LabError
     from clustermesh.lab.netns import CommandFailed
     from clustermesh.processes.child import ChildFailed
+    from clustermesh.processes.etcd import EtcdStartError
+    from clustermesh.resources.store import ResourceError
+    from kvstore.errors import KVStoreError
 
     try:
         return work()
-    except (LabError, CommandFailed, ChildFailed) as exc:
+    except (LabError, CommandFailed, ChildFailed, EtcdStartError, ConnectError, KVStoreError, ResourceError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -4,6 +4,7 @@ a cluster's control plane: wipe its etcd and bring it back (`wipe_etcd`), and de
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -14,11 +15,14 @@ import certs
 from clustermesh import connecting
 from clustermesh.contexts import Context, ContextFile
 from clustermesh.lab import netns
+from clustermesh.lab.layout import LabError
 from clustermesh.lab.state import BIN, LabContext
+from clustermesh.model import keys
 from clustermesh.model.kinds import kind_by_name
 from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
 from clustermesh.resources.standalone import StandaloneStore
 from kvstore import etcd, users
+from kvstore.backend import wait_for_key
 
 __all__ = ["connect_all", "delete_node_objects", "init_users", "make_pki", "start_apiserver", "start_etcd", "wipe_etcd"]
 
@@ -47,6 +51,21 @@ def start_etcd(ctx: LabContext, index: int) -> None:
     process = EtcdProcess(etcd_spec(ctx, index))
     process.start()
     ctx.progress(f"{cluster.name}: etcd on {cluster.etcd_url} in {cluster.control_plane_netns} (pid {process.pid})")
+
+
+async def wait_for_cluster_config(ctx: LabContext, index: int, timeout: float = 60.0) -> None:
+    """Until the cluster's apiserver has (re)written its cluster-config: `connect` reads it first."""
+    cluster = ctx.layout.cluster(index)
+    backend = await etcd.connect(ctx.config(index, "root"))
+    try:
+        async with asyncio.timeout(timeout):
+            await wait_for_key(backend, keys.cluster_config_key(cluster.name))
+    except TimeoutError:
+        raise LabError(
+            f"{cluster.name}: its apiserver did not write its cluster-config within {timeout:.0f} s"
+        ) from None
+    finally:
+        await backend.close()
 
 
 def etcd_pid(ctx: LabContext, index: int) -> int | None:

@@ -167,6 +167,8 @@ class Lab(LabContext):
         netns.enter(self.layout.world_netns)
         asyncio.run(controlplane.init_users(self, [cluster]))
         self.progress(f"c{cluster}: clustermesh etcd init (users, roles, auth)")
+        asyncio.run(controlplane.wait_for_cluster_config(self, cluster))
+        self.progress(f"c{cluster}: its apiserver wrote its cluster-config again")
         asyncio.run(controlplane.connect_all(self, only=f"c{cluster}"))
 
     # --- readiness

@@ -51,7 +51,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("CiliumIdentity", "cilium.io", "v2", "ciliumidentities", False, ("ciliumid",)),
     Kind("CiliumNetworkPolicy", "cilium.io", "v2", "ciliumnetworkpolicies", True, ("cnp", "ciliumnp")),
     Kind("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies", True, ("netpol",)),
-    # Access to a remote cluster, handed over by `clustermesh connect` (issue 5): not a Kubernetes kind.
+    # Access to a remote cluster, handed over by `clustermesh connect`: a kind of ours, not Kubernetes' nor Cilium's.
     Kind("ClusterMeshRemote", "clustermesh.io", "v1", "clustermeshremotes", False, ("remote", "remotes")),
 )
 

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,14 +58,19 @@ class Child:
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def wait_for(self, pattern: str, *, timeout: float = 30.0) -> re.Match[str]:
-        """Until the child's log (since its start) matches `pattern`."""
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_for(self, pattern: str, *, timeout: float = 30.0, also: Callable[[], bool] | None = None) -> re.Match[str]:
+        """Until the child's log (since its start) matches `pattern` (and `also()` holds, when given: a port that
+        accepts, say)."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
             match = regex.search(self.log())
-            if match:
+            if match and (also is None or also()):
                 return match
             if self.process is not None and self.process.poll() is not None:
                 raise ChildFailed(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
@@ -72,6 +78,15 @@ class Child:
                 raise ChildFailed(f"{self.name} did not log {pattern!r} within {timeout:.0f} s:\n{self.tail()}")
             time.sleep(delay)  # a child's log file offers nothing to wait on
             delay = min(delay * 2, 0.1)
+
+    def kill(self) -> None:
+        """SIGKILL, by the PID we started: a crash, as far as the child's peers can tell."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
     def stop(self, *, grace: float = 10.0) -> int | None:
         if self.process is None:

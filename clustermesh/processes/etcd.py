@@ -6,24 +6,25 @@ network namespace, whatever address its clients use: a single member has no peer
 port on a routable address (the lab's underlay) would let anyone join or read the member's raft traffic.
 
 Readiness is etcd's own log line "ready to serve client requests" followed by an accepted TCP connection: no fixed
-sleep. A process that exits during start-up raises with the tail of its log.
+sleep. A process that exits during start-up raises with the tail of its log. It runs on the one launcher of child
+processes, `clustermesh.processes.child.Child` (started in a session of its own, stopped by its PID).
 """
 
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
-import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from clustermesh.processes.child import Child, ChildFailed
 
 __all__ = ["EtcdProcess", "EtcdSpec", "EtcdStartError", "free_port"]
 
 #: Where a member listens for peers: only its own namespace's loopback (single-member clusters).
 PEER_HOST = "127.0.0.1"
-READY_MARKERS = (b"ready to serve client requests", b"serving client requests on")
+#: What etcd logs once it serves clients (3.4, then 3.5).
+READY = r"ready to serve client requests|serving client requests on"
 
 
 class EtcdStartError(RuntimeError):
@@ -105,15 +106,15 @@ class EtcdProcess:
 
     def __init__(self, spec: EtcdSpec) -> None:
         self.spec = spec
-        self.process: subprocess.Popen[bytes] | None = None
+        self.child: Child | None = None
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        return self.child.pid if self.child is not None else None
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.child is not None and self.child.running
 
     def start(self, *, timeout: float = 30.0) -> None:
         if self.running:
@@ -121,37 +122,16 @@ class EtcdProcess:
         spec = self.spec
         assert spec.log_file is not None
         spec.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        spec.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_offset = spec.log_file.stat().st_size if spec.log_file.exists() else 0
-        with spec.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                spec.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop etcd ourselves
-            )
+        self.child = Child(f"etcd {spec.name}", spec.command(), spec.log_file)
+        self.child.start()
         try:
-            self._wait_ready(log_offset, timeout)
+            self.child.wait_for(READY, timeout=timeout, also=self._accepts)
+        except ChildFailed as exc:
+            self.kill()
+            raise EtcdStartError(str(exc)) from None
         except BaseException:
             self.kill()
             raise
-
-    def _wait_ready(self, log_offset: int, timeout: float) -> None:
-        assert self.spec.log_file is not None and self.process is not None
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EtcdStartError(f"etcd {self.spec.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            with self.spec.log_file.open("rb") as log:
-                log.seek(log_offset)
-                text = log.read()
-            if any(marker in text for marker in READY_MARKERS) and self._accepts():
-                return
-            time.sleep(delay)  # polling a child process's log: there is no event to wait on
-            delay = min(delay * 2, 0.1)
-        raise EtcdStartError(f"etcd {self.spec.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def _accepts(self) -> bool:
         if self.spec.wrapper:
@@ -169,25 +149,15 @@ class EtcdProcess:
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it lingers; always by the PID we started."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+        if self.child is not None:
+            self.child.stop(grace=timeout)
+        self.child = None
 
     def kill(self) -> None:
         """SIGKILL: a crash, as far as etcd's clients can tell."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        if self.child is not None:
+            self.child.kill()
+        self.child = None
 
     def restart(self, *, timeout: float = 30.0) -> None:
         self.stop()

@@ -36,5 +36,10 @@ def test_a_wiped_cluster_etcd_is_refilled_by_its_agents() -> None:
         for pod in c2_pods:
             result = lab.ping("c1/pod-1-1", lab.pod_ip(pod))
             assert result.returncode == 0, f"no reply from {pod} after c2's etcd was wiped: {describe(result)}"
-        every_node = lab.status()["nodes"]
-        assert all(status["ready"] for status in every_node.values()), every_node
+
+        def every_agent_ready() -> tuple[bool, object]:
+            nodes = lab.status()["nodes"]
+            waiting = {name: status.get("not_ready") for name, status in nodes.items() if not status["ready"]}
+            return not waiting, waiting
+
+        wait_until("every agent of both clusters is ready again", every_agent_ready, timeout=40)
