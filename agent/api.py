@@ -12,6 +12,7 @@ Every error is an `ApiError` document with a reason code: `starting` (the agent'
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from agent.datapath.netlink import DatapathError
 from agent.datapath.pods import PodNetwork
 from agent.endpoints import EndpointManager, EndpointRequest, InvalidRequest
 from agent.mesh import Mesh
+from agent.metrics import AgentMetrics
 from clustermesh.daemon.http import Request, Response, Route
 from clustermesh.model.api import ApiError, DatapathStatus, PodRequest
 from clustermesh.resources.store import Conflict, NotFound, ResourceError, Unavailable
@@ -30,6 +32,9 @@ __all__ = ["routes"]
 
 _ENCODER = msgspec.json.Encoder()
 _POD_REQUEST = msgspec.json.Decoder(PodRequest)
+_API_ERROR = msgspec.json.Decoder(ApiError)
+
+log = logging.getLogger(__name__)
 
 
 def respond(status: int, document: Any) -> Response:
@@ -38,6 +43,28 @@ def respond(status: int, document: Any) -> Response:
 
 def fail(status: int, reason: str, message: str) -> Response:
     return respond(status, ApiError(message, reason))
+
+
+def counted(routes: dict[str, Route], metrics: AgentMetrics) -> dict[str, Route]:
+    """Every route, with each error it answers counted by route and reason (and logged: the caller may be a CNI
+    plugin whose stdout nobody reads)."""
+
+    def count(pattern: str, route: Route) -> Route:
+        async def answer(request: Request) -> Response:
+            response = await route(request)
+            status, _, body = response
+            if status >= 400:
+                try:
+                    reason = _API_ERROR.decode(body).reason
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    reason = "internal"
+                metrics.api_errors.labels(pattern, reason).inc()
+                log.warning("%s %s: %d %s", request.method, request.path, status, body.decode(errors="replace").strip())
+            return response
+
+        return answer
+
+    return {pattern: count(pattern, route) for pattern, route in routes.items()}
 
 
 def _store_error(exc: ResourceError) -> Response:
@@ -187,7 +214,7 @@ def routes(
             return fail(409, "conflict", "; ".join(problems))
         return respond(200, {"problems": []})
 
-    return {
+    return counted({
         "POST /v1/cni/add": needs_pods(cni_add),
         "POST /v1/cni/del": needs_pods(cni_del),
         "POST /v1/cni/check": needs_pods(cni_check),
@@ -195,4 +222,4 @@ def routes(
         "/v1/view": view,
         "POST /v1/endpoints": needs_manager(create_endpoint),
         "DELETE /v1/endpoints/*": needs_manager(delete_endpoint),
-    }
+    }, mesh.metrics)  # fmt: skip

@@ -209,6 +209,7 @@ class Mesh:
         self._watchers.clear()
 
     def refresh_metrics(self) -> None:
+        self.metrics.config_problems.set(len(self.config_watch.problems) if self.config_watch else 0)
         for name, counts in self.view.counts.items():
             for kind in KINDS:
                 self.metrics.entries.labels(name, kind).set(counts.get(kind, 0))

@@ -35,3 +35,10 @@ class AgentMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
         self.clusters = gauge("remote_clusters", "Configured clusters (the local one included)", [])
+        self.config_problems = gauge(
+            "config_problems", "Files of the clustermesh config directory that are not used (see status)", []
+        )
+        self.api_errors = Counter(
+            "api_errors", "Errors the agent's local API answered (the CNI plugin's among them), by route and reason",
+            ["route", "reason"], namespace=namespace, registry=registry,
+        )  # fmt: skip

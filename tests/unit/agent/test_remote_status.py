@@ -217,6 +217,8 @@ async def test_a_config_file_named_after_the_local_cluster_leaves_the_agent_not_
         assert all(cluster.ready for cluster in status.clusters), "the local cluster itself is fine"
         assert not status.ready
         assert [p.code for p in status.problems] == ["config-problem"]
+        mesh.refresh_metrics()
+        assert mesh.registry.get_sample_value("clustermesh_config_problems") == 1
         assert status.not_ready == [
             "config file c1: named after the local cluster: a cluster is not its own peer; "
             "name it after the peer it is for"
