@@ -218,9 +218,11 @@ class MergedView:
 
     def _upserts_ipcache(self, cluster: str, items: list[tuple[str, wire.IPIdentityPair]]) -> None:
         """A page of a list: the common case (new IPs, or this cluster's own) in one tight loop."""
-        owners, entries, changes = self._ip_owner, self._ip_entries, []
+        owners, entries = self._ip_owner, self._ip_entries
+        changes: list[Change] = []
         added = 0
         parse = keys.ip_of_checked_key
+        new, append = tuple.__new__, changes.append  # Change(...) is a Python call per entry; this is not
         for key, pair in items:
             ip_key = parse(key)
             owner = owners.get(ip_key)
@@ -231,7 +233,7 @@ class MergedView:
                 self._upsert_ipcache(cluster, key, pair)  # a conflict: the careful path
                 continue
             entries[ip_key] = pair
-            changes.append(Change("ipcache", "upsert", ip_key, pair, cluster))
+            append(new(Change, ("ipcache", "upsert", ip_key, pair, cluster)))
         self._ip_counts[cluster] = self._ip_counts.get(cluster, 0) + added
         self.changes += len(changes)
         for subscription in self._subscribers:

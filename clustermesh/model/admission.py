@@ -91,22 +91,24 @@ def decoders_for(cluster: ClusterInfo) -> RemoteDecoders:
         return value
 
     raw_pair = msgspec.json.Decoder(wire.IPIdentityPair).decode
-    ip_of_key = keys.ip_of_checked_key
+    ip_of_key = keys.ip_of_checked_key  # the store lists the ipcache prefix: a key that is not an IP matches no value
 
     def ip(key: str, data: bytes) -> wire.IPIdentityPair:
         # The ipcache is the hot path (one entry per endpoint): the decoder is called directly, and only its
         # failures go through the wrapper that turns them into InvalidValue.
-        key_ip = ip_of_key(key)  # the store lists the ipcache prefix: a key that is not an IP matches no value
         try:
             value: wire.IPIdentityPair = raw_pair(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             value = decode_pair(key, data)  # raises InvalidValue with the reason
-        if key_ip != (value.IP if value.Mask is None else value.key_name()):
+        if value.Mask is None:
+            if ip_of_key(key) != value.IP:
+                raise InvalidValue(key, f"IP does not match key: the entry is for {value.key_name()}")
+        elif ip_of_key(key) != value.key_name():
             raise InvalidValue(key, f"IP does not match key: the entry is for {value.key_name()}")
         number = value.ID
-        if not (first <= number <= last or 0 < number <= RESERVED_MAX):
-            raise InvalidValue(key, f"identity out of range: {number} is not in {name}'s range {own}")
-        return value
+        if first <= number <= last or 0 < number <= RESERVED_MAX:
+            return value
+        raise InvalidValue(key, f"identity out of range: {number} is not in {name}'s range {own}")
 
     def identity(key: str, data: bytes) -> IdentityEntry:
         number = keys.parse_identity_key(key)
