@@ -19,6 +19,12 @@ PACKAGES=(
   libcharon-extra-plugins        # kernel-libipsec: ESP in user space (these kernels have no ESP)
   libstrongswan-standard-plugins # openssl (x25519, AES-GCM) and gcm plugins
   strongswan-swanctl             # swanctl and the vici plugin, to look at and drive charon
+  clang           # compiles bpf/ (C with BTF maps) into eBPF objects
+  llvm            # llvm-strip, llvm-objdump, for those objects
+  libbpf-dev      # bpf/bpf_helpers.h and friends, for compiling bpf/
+  linux-libc-dev  # linux/bpf.h and the kernel's UAPI headers
+  bpftool         # loads the objects, pins their programs and maps
+  nftables        # bench/policy.py: the nftables baseline of a policy
 )
 # From bookworm-backports (Debian's own archive): wireguard-go 0.0.20231211 has UDP GSO/GRO and TUN offloads, about
 # 5x the throughput of bookworm's 0.0.20220316 on these machines (DESIGN section 8).

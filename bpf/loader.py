@@ -1,0 +1,190 @@
+"""Building, loading and attaching the datapath's programs, without bcc: clang, then bpftool, then tc.
+
+- `build()` compiles `bpf/src/` with clang into an object cached by the hash of its sources (a node builds it once;
+  a changed source is a new object);
+- `Loaded.load(obj, pin_dir)` loads the object with `bpftool prog loadall` and pins its programs and maps under
+  `pin_dir/<object hash>/` (a node's own folder, named after the node or lab: nothing is shared between nodes or
+  labs); loading again finds the pins and reuses them, so an agent's restart keeps its maps;
+- `attach(ifname)` puts the two programs on a pod's host-side veth (clsact, direct action), in the caller's network
+  namespace (the agent's, the node's); the veth's removal takes them away;
+- `remove(pin_dir)` unpins everything of a node.
+
+bpffs is not mounted at boot on these machines: `ensure_bpffs()` mounts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from bpf import syscall
+from bpf.maps import Counters, CtMap, EndpointMap, IpcacheMap, PolicyMap
+
+__all__ = ["BPFFS", "BuildError", "LoadError", "Loaded", "build", "default_cache_dir", "ensure_bpffs", "remove"]
+
+SOURCE_DIR = Path(__file__).parent / "src"
+BPFFS = Path("/sys/fs/bpf")
+POLICY_MAP_ENTRIES = 65536  # the inner map template's, in datapath.c: they must match
+
+
+class BuildError(RuntimeError):
+    """clang could not compile the datapath; the message carries its output."""
+
+
+class LoadError(RuntimeError):
+    """bpftool or tc refused; the message carries their output."""
+
+
+def source_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE_DIR.glob("*.[ch]")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    if override := os.environ.get("CLUSTERMESH_BPF_CACHE"):
+        return Path(override)
+    return Path("/var/cache/clustermesh/bpf") if os.geteuid() == 0 else Path.home() / ".cache/clustermesh/bpf"
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """The compiled object of the current sources (compiled now if the cache does not hold it yet)."""
+    cache_dir = cache_dir or default_cache_dir()
+    target = cache_dir / f"datapath-{source_hash()}.o"
+    if target.exists():
+        return target
+    clang = shutil.which("clang")
+    if clang is None:
+        raise BuildError("clang is not installed: run `make setup` (Debian packages clang, libbpf-dev)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    multiarch = f"/usr/include/{platform.machine()}-linux-gnu"
+    command = [clang, "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I{SOURCE_DIR}", f"-I{multiarch}",
+               "-c", str(SOURCE_DIR / "datapath.c"), "-o", str(partial)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise BuildError(f"clang failed on {SOURCE_DIR / 'datapath.c'}:\n{result.stderr.strip()}")
+    partial.replace(target)
+    return target
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf unless it is there (mounts are read from /proc/mounts)."""
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    if any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in mounts if len(line.split()) > 2):
+        return
+    BPFFS.mkdir(parents=True, exist_ok=True)
+    _run(["mount", "-t", "bpf", "bpf", str(BPFFS)], "mount bpffs")
+
+
+def _run(command: list[str], what: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise LoadError(f"{what}: `{' '.join(command)}` failed: {(result.stderr or result.stdout).strip()}")
+    return result.stdout
+
+
+@dataclass
+class Loaded:
+    """One node's loaded datapath: its pins, and its maps open."""
+
+    pin_dir: Path  # the node's folder; the object's pins are below it, in a folder named after the object's hash
+    object_dir: Path
+
+    @classmethod
+    def load(cls, obj: Path, pin_dir: Path) -> Loaded:
+        ensure_bpffs()
+        object_dir = pin_dir / obj.stem.removeprefix("datapath-")
+        if not (object_dir / "progs" / "cm_from_pod").exists():
+            for old in pin_dir.iterdir() if pin_dir.exists() else []:  # an older object's pins: unused from now
+                if old.is_dir() and old != object_dir:
+                    _remove_tree(old)
+            _remove_tree(object_dir)
+            object_dir.mkdir(parents=True, exist_ok=True)
+            _run(["bpftool", "prog", "loadall", str(obj), str(object_dir / "progs"), "pinmaps",
+                  str(object_dir / "maps"), "type", "classifier"], f"loading {obj.name}")  # fmt: skip
+        (object_dir / "policy").mkdir(exist_ok=True)
+        loaded = cls(pin_dir, object_dir)
+        loaded.open()
+        return loaded
+
+    def open(self) -> None:
+        maps = self.object_dir / "maps"
+        self.ipcache = IpcacheMap(syscall.MapFd.pinned(str(maps / "cm_ipcache")))
+        self.endpoints = EndpointMap(syscall.MapFd.pinned(str(maps / "cm_endpoints")))
+        self.policy_maps = syscall.MapFd.pinned(str(maps / "cm_policy"))
+        self.ct = CtMap(syscall.MapFd.pinned(str(maps / "cm_ct")))
+        self.counters = Counters(syscall.MapFd.pinned(str(maps / "cm_counters")))
+        self.events_path = maps / "cm_events"
+
+    def close(self) -> None:
+        for raw in (self.ipcache.raw, self.endpoints.raw, self.policy_maps, self.ct.raw, self.counters.raw):
+            if isinstance(raw, syscall.MapFd):
+                raw.close()
+
+    # --- one endpoint's policy map
+
+    def policy_map(self, ifindex: int) -> PolicyMap:
+        """The endpoint's policy map (made, pinned and put in cm_policy if it has none)."""
+        path = self.object_dir / "policy" / str(ifindex)
+        if path.exists():
+            return PolicyMap(syscall.MapFd.pinned(str(path)))
+        fd = syscall.create_map(syscall.MAP_TYPE_LPM_TRIE, PolicyMap.key_size, PolicyMap.value_size,
+                                POLICY_MAP_ENTRIES, flags=syscall.F_NO_PREALLOC, name=f"cm_pol_{ifindex}")  # fmt: skip
+        raw = syscall.MapFd(fd)
+        syscall.obj_pin(fd, str(path))
+        self.policy_maps.update(ifindex.to_bytes(4, "little"), fd.to_bytes(4, "little"))
+        return PolicyMap(raw)
+
+    def forget_endpoint(self, ifindex: int) -> None:
+        """The endpoint is gone: its settings, its policy map."""
+        self.endpoints.remove(ifindex)
+        self.policy_maps.delete(ifindex.to_bytes(4, "little"))
+        (self.object_dir / "policy" / str(ifindex)).unlink(missing_ok=True)
+
+    # --- programs on a veth
+
+    def attach(self, ifname: str, *, netns: str | None = None) -> None:
+        """Both programs on a pod's host-side veth, in this process's network namespace (or the named one's:
+        `nsenter --net`, which keeps the host's bpffs, where `ip netns exec` would hide it)."""
+        progs = self.object_dir / "progs"
+        prefix = _in_netns(netns)
+        _run([*prefix, "tc", "qdisc", "replace", "dev", ifname, "clsact"], f"clsact on {ifname}")
+        for hook, program in (("ingress", "cm_from_pod"), ("egress", "cm_to_pod")):
+            _run([*prefix, "tc", "filter", "replace", "dev", ifname, hook, "pref", "1", "handle", "1", "bpf", "da",
+                  "pinned", str(progs / program)], f"{program} on {ifname}")  # fmt: skip
+
+    def attached(self, ifname: str, *, netns: str | None = None) -> bool:
+        result = subprocess.run([*_in_netns(netns), "tc", "filter", "show", "dev", ifname, "ingress"],
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        return "cm_from_pod" in result.stdout
+
+
+def _in_netns(netns: str | None) -> list[str]:
+    return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+
+
+def _remove_tree(path: Path) -> None:
+    """Unpin everything below `path` (bpffs: files are pins, folders are folders)."""
+    if not path.exists():
+        return
+    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if child.is_dir():
+            child.rmdir()
+        else:
+            child.unlink()
+    path.rmdir()
+
+
+def remove(pin_dir: Path) -> bool:
+    """Unpin a node's whole datapath (its programs stay on veths until those go); whether there was one."""
+    existed = pin_dir.exists()
+    _remove_tree(pin_dir)
+    return existed
