@@ -92,6 +92,7 @@ class Exporter:
         """Policies are read by agents from their own cluster's store; nothing to export."""
 
     _on_networkpolicies = _on_ciliumnetworkpolicies
+    _on_ciliumclusterwidenetworkpolicies = _on_ciliumnetworkpolicies
     _on_clustermeshremotes = _on_ciliumnetworkpolicies
 
     def is_global(self, namespace: str) -> bool:

@@ -50,6 +50,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("CiliumEndpoint", "cilium.io", "v2", "ciliumendpoints", True, ("cep", "ciliumep")),
     Kind("CiliumIdentity", "cilium.io", "v2", "ciliumidentities", False, ("ciliumid",)),
     Kind("CiliumNetworkPolicy", "cilium.io", "v2", "ciliumnetworkpolicies", True, ("cnp", "ciliumnp")),
+    Kind("CiliumClusterwideNetworkPolicy", "cilium.io", "v2", "ciliumclusterwidenetworkpolicies", False, ("ccnp",)),
     Kind("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies", True, ("netpol",)),
     # Access to a remote cluster, handed over by `clustermesh connect`: a kind of ours, not Kubernetes' nor Cilium's.
     Kind("ClusterMeshRemote", "clustermesh.io", "v1", "clustermeshremotes", False, ("remote", "remotes")),

@@ -19,6 +19,7 @@ from typing import Any
 from clustermesh.model.addresses import ip_version
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Object, kind_by_name
+from clustermesh.model.policies import PolicyError, parse_policy
 
 __all__ = ["InvalidObject", "validate_object"]
 
@@ -253,10 +254,12 @@ def _cilium_identity(check: _Checker) -> None:
 
 
 def _policy(check: _Checker) -> None:
-    spec = check.mapping(check.obj.get("spec"), "spec")
-    specs = check.sequence(check.obj.get("specs"), "specs")
-    if check.kind == "CiliumNetworkPolicy" and not spec and not specs:
-        check.fail("spec", "a CiliumNetworkPolicy needs spec (or specs)")
+    """A policy is checked by reading it as the agents will (`clustermesh.model.policies`): whatever they could
+    not enforce as written is refused now, with the field."""
+    try:
+        parse_policy(check.obj)
+    except PolicyError as exc:
+        check.fail(exc.field, exc.reason)
 
 
 def _remote(check: _Checker) -> None:
@@ -278,6 +281,7 @@ _VALIDATORS: dict[str, Callable[[_Checker], None]] = {
     "CiliumIdentity": _cilium_identity,
     "CiliumNetworkPolicy": _policy,
     "NetworkPolicy": _policy,
+    "CiliumClusterwideNetworkPolicy": _policy,
     "ClusterMeshRemote": _remote,
 }
 

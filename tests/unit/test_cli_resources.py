@@ -163,3 +163,25 @@ def test_a_list_whose_items_are_not_objects_names_each_item(controls: Controls) 
     assert code == 1
     assert "namespace/ok created" in out
     assert "stdin (document 1, item 0)" in err and "must be a mapping" in err
+
+
+def test_apply_refuses_a_policy_it_could_not_enforce_naming_the_field(controls: Controls) -> None:
+    policy = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress: [{toFQDNs: [{matchName: example.com}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: fine, namespace: shop}
+spec:
+  podSelector: {}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
+"""
+    code, out, err = run(controls, "apply", "-f", "-", stdin=policy)
+    assert code == 1
+    assert "networkpolicy/shop/fine created" in out or "networkpolicy/fine created" in out, out
+    assert "CiliumNetworkPolicy 'web': spec.egress[0].toFQDNs: DNS-based rules are not supported" in err
