@@ -93,9 +93,18 @@ class IdentityRangeExhausted(IdentityError):
     """Every number of the cluster's identity range is taken."""
 
 
-def security_labels(labels: Mapping[str, str], namespace: str, cluster: str) -> dict[str, str]:
-    """An endpoint's security labels: its k8s labels, its namespace and its cluster, as `k8s:<key>` -> value."""
+#: Cilium's prefix for the labels of an endpoint's namespace among its security labels.
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+
+
+def security_labels(
+    labels: Mapping[str, str], namespace: str, cluster: str, namespace_labels: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """An endpoint's security labels, as `k8s:<key>` -> value: its k8s labels, its namespace, the labels of its
+    namespace (as Cilium has them: a NetworkPolicy's namespaceSelector matches them), and its cluster."""
     result = {f"{SOURCE_K8S}:{key}": value for key, value in labels.items()}
+    for key, value in (namespace_labels or {}).items():
+        result[f"{SOURCE_K8S}:{NAMESPACE_LABELS_PREFIX}{key}"] = value
     result[f"{SOURCE_K8S}:{NAMESPACE_LABEL}"] = namespace
     result[f"{SOURCE_K8S}:{CLUSTER_LABEL}"] = cluster
     return result
@@ -213,9 +222,12 @@ class IdentityAllocator:
         attempts: int = 5,
         backoff: float = 0.05,
         max_backoff: float = 1.0,
+        namespace_labels: Callable[[str], Mapping[str, str]] | None = None,
     ) -> None:
         self.store = store
         self.cluster = cluster
+        #: The labels of a namespace (from the cluster's Namespace objects), for the identities of its pods.
+        self.namespace_labels = namespace_labels or (lambda namespace: {})
         self.range = id_range or identity_range(cluster.id, cluster.max_connected_clusters)
         self.index = IdentityIndex(self.range)
         self.informer = Informer(store, CILIUM_IDENTITY, self)
@@ -254,7 +266,7 @@ class IdentityAllocator:
     # --- allocating
 
     def security_labels(self, labels: Mapping[str, str], namespace: str) -> dict[str, str]:
-        return security_labels(labels, namespace, self.cluster.name)
+        return security_labels(labels, namespace, self.cluster.name, self.namespace_labels(namespace))
 
     def lookup(self, labels: Mapping[str, str], namespace: str) -> int | None:
         """The identity of these labels as far as the index knows, without asking the store."""

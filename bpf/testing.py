@@ -14,17 +14,20 @@ from collections.abc import Callable
 from bpf.maps import (
     EGRESS,
     INGRESS,
+    SHAPES,
     EndpointMap,
     EndpointSettings,
     IpcacheEntry,
     IpcacheMap,
+    MemoryMap,
     PolicyKey,
     PolicyMap,
     RawMap,
+    memory_map,
     port_prefixes,
 )
 
-__all__ = ["CHECKS", "MapFactory", "check_maps"]
+__all__ = ["CHECKS", "MapFactory", "MemoryDatapath", "check_maps"]
 
 #: kind ("hash", "lpm-ipcache", "lpm-policy", "endpoints"), max entries -> a new empty map
 MapFactory = Callable[[str, int], RawMap]
@@ -132,3 +135,27 @@ CHECKS: list[Callable[[MapFactory], None]] = [
 def check_maps(make: MapFactory) -> None:
     for check in CHECKS:
         check(make)
+
+
+class MemoryDatapath:
+    """The loaded datapath's maps in memory, for the agent's unit tests: the same typed maps over `MemoryMap`s; the
+    programs "attached" are the veth names in `attached`."""
+
+    def __init__(self) -> None:
+        self.ipcache = IpcacheMap(memory_map("lpm-ipcache", 1 << 20))
+        self.endpoints = EndpointMap(memory_map("endpoints", 4096))
+        self.policies: dict[int, MemoryMap] = {}
+        self.attached: list[str] = []
+
+    def policy_map(self, ifindex: int) -> PolicyMap:
+        if ifindex not in self.policies:
+            key_size, value_size, _ = SHAPES["lpm-policy"]
+            self.policies[ifindex] = MemoryMap(key_size, value_size, 65536, lpm=True)
+        return PolicyMap(self.policies[ifindex])
+
+    def forget_endpoint(self, ifindex: int) -> None:
+        self.endpoints.remove(ifindex)
+        self.policies.pop(ifindex, None)
+
+    def attach(self, ifname: str) -> None:
+        self.attached.append(ifname)
