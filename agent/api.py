@@ -5,6 +5,8 @@ GET    /v1/view                      counts and keys of the merged view (for deb
 POST   /v1/endpoints                 {"namespace", "name", "labels", "ipv4", "ipv6"} -> the CiliumEndpoint
 DELETE /v1/endpoints/<ns>/<name>
 POST   /v1/cni/add|del|check         a PodRequest -> the CNI result, or an error
+GET    /v1/flows                     ?since=N&last=N&wait=S: the flows numbered after N (Hubble's shape)
+GET    /v1/policy                    per local endpoint: its compiled rules and the policies they came from
 
 Every error is an `ApiError` document with a reason code: `starting` (the agent's store is not there yet: retry),
 `no-datapath`, `invalid`, `not-found`, `conflict`, `unavailable` (retry), `exhausted`, `datapath`, `internal`.
@@ -12,6 +14,7 @@ Every error is an `ApiError` document with a reason code: `starting` (the agent'
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,12 +23,15 @@ import msgspec
 
 from agent.datapath.ipam import IPAMExhausted
 from agent.datapath.netlink import DatapathError
-from agent.datapath.pods import PodNetwork
+from agent.datapath.pods import PodAttachment, PodNetwork, host_veth
 from agent.endpoints import EndpointManager, EndpointRequest, InvalidRequest
+from agent.enforcement import CIDR_IDENTITY_BASE, Enforcer, LocalEndpoint
+from agent.flows import FlowLog
+from agent.identities import IdentityAllocator
 from agent.mesh import Mesh
 from agent.metrics import AgentMetrics
 from clustermesh.daemon.http import Request, Response, Route
-from clustermesh.model.api import ApiError, DatapathStatus, PodRequest
+from clustermesh.model.api import ApiError, DatapathStatus, PodRequest, Problem
 from clustermesh.resources.store import Conflict, NotFound, ResourceError, Unavailable
 
 __all__ = ["routes"]
@@ -82,6 +88,16 @@ def _store_error(exc: ResourceError) -> Response:
     return fail(exc.code, reason, str(exc))
 
 
+def local_endpoint(
+    attachment: PodAttachment, identity: int, wanted: EndpointRequest, allocator: IdentityAllocator | None
+) -> LocalEndpoint:
+    """A new pod as enforcement knows it: its veth, its address, its identity and that identity's labels."""
+    security = allocator.security_labels(wanted.labels, wanted.namespace) if allocator is not None else {}
+    labels = {key.partition(":")[2]: value for key, value in security.items()}
+    return LocalEndpoint(attachment.host_ifindex, attachment.host_interface, attachment.ip, identity, labels,
+                         wanted.namespace, wanted.name)  # fmt: skip
+
+
 def _pod_request(request: Request) -> PodRequest:
     try:
         pod = _POD_REQUEST.decode(request.body or b"null")
@@ -99,6 +115,9 @@ def routes(
     pods: PodNetwork | None = None,
     supernets: list[str] | None = None,
     datapath: Callable[[], DatapathStatus] | None = None,
+    enforcer: Callable[[], Enforcer | None] = lambda: None,
+    flows: FlowLog | None = None,
+    allocator: Callable[[], IdentityAllocator | None] = lambda: None,
 ) -> dict[str, Route]:
     def needs_manager(handler: Callable[[Request, EndpointManager], Awaitable[Response]]) -> Route:
         """The handler, once the agent's store is there; `starting` before (the caller retries)."""
@@ -140,6 +159,11 @@ def routes(
         document = mesh.status()
         if datapath is not None:
             document.datapath = datapath()
+            error = (document.datapath.details.get("policy") or {}).get("error")
+            if error:  # policies this node should enforce are not: not ready
+                document.problems.append(Problem("policy-unavailable", error))
+                document.not_ready.append(error)
+                document.ready = False
         return respond(200, document)
 
     async def view(request: Request) -> Response:
@@ -181,12 +205,20 @@ def routes(
         if not pod.netns:
             raise InvalidRequest("netns is required for ADD")
         attachment = await pods.add(pod.containerID, pod.netns, pod.ifname or "eth0")
+        enforcing = enforcer()
         try:
             wanted = EndpointRequest.parse(
                 {"namespace": pod.namespace, "name": pod.name, "labels": pod.labels, "ipv4": attachment.ip}
             )
             created = await manager.create(wanted)
+            identity = created["status"]["identity"]["id"]
+            if enforcing is not None:  # its maps, then its programs: no packet passes unjudged
+                await asyncio.to_thread(
+                    enforcing.add_endpoint, local_endpoint(attachment, identity, wanted, allocator())
+                )
         except BaseException:
+            if enforcing is not None and attachment.host_ifindex:
+                enforcing.remove_endpoint(attachment.host_ifindex)
             await pods.delete(pod.containerID)
             raise
         return respond(
@@ -196,12 +228,17 @@ def routes(
                 "ips": [{"address": f"{attachment.ip}/32", "gateway": attachment.gateway, "interface": 0}],
                 "routes": [{"dst": supernet, "gw": attachment.gateway} for supernet in supernets or []],
                 "dns": {},
-                "identity": created["status"]["identity"]["id"],
+                "identity": identity,
             },
         )
 
     async def cni_del(request: Request, manager: EndpointManager, pods: PodNetwork) -> Response:
         pod = _pod_request(request)
+        enforcing = enforcer()
+        if enforcing is not None:
+            gone = next((e for e in enforcing.endpoints.values() if e.ifname == host_veth(pod.containerID)), None)
+            if gone is not None:
+                enforcing.remove_endpoint(gone.ifindex)
         if pod.name:
             await manager.delete(pod.namespace or "default", pod.name)
         released = await pods.delete(pod.containerID)
@@ -214,7 +251,50 @@ def routes(
             return fail(409, "conflict", "; ".join(problems))
         return respond(200, {"problems": []})
 
+    async def flow_list(request: Request) -> Response:
+        if flows is None:
+            return fail(503, "no-datapath", "this agent enforces no policy here: it has no flows to tell")
+        try:
+            after = int(request.query.get("since", "0"))
+            last = int(request.query["last"]) if "last" in request.query else None
+            wait = min(float(request.query.get("wait", "0")), 60.0)
+        except ValueError:
+            return fail(400, "invalid", "since and last are numbers, wait a number of seconds")
+        if wait > 0:
+            await flows.wait(after, wait)
+        found = flows.since(after, last)
+        return respond(200, {"flows": [flow for _, flow in found], "next": found[-1][0] if found else max(after,
+                             flows.next - 1 if after == 0 else after)})  # fmt: skip
+
+    async def policy(request: Request) -> Response:
+        enforcing = enforcer()
+        if enforcing is None:
+            return fail(503, "no-datapath", "this agent enforces no policy here")
+        names = {number: sorted(str(label) for label in entry.labels) for number, entry in mesh.view.identities.items()}
+        reserved = {1: ["reserved:host"], 2: ["reserved:world"], 4: ["reserved:health"], 6: ["reserved:remote-node"]}
+        endpoints = []
+        for endpoint in sorted(enforcing.endpoints.values(), key=lambda e: (e.namespace, e.name)):
+            compiled = enforcing.compiled.get(endpoint.ifindex)
+            rules = []
+            for rule in compiled.rules if compiled is not None else []:
+                peers = [{"identity": n, "labels": reserved.get(n) or names.get(n) or
+                          (["cidr"] if n >= CIDR_IDENTITY_BASE else ["any"] if n == 0 else [])}
+                         for n in rule.identities]  # fmt: skip
+                rules.append({"policy": rule.policy, "direction": rule.direction, "verdict": rule.verdict,
+                              "peers": rule.peers, "identities": peers, "ports": list(rule.ports)})  # fmt: skip
+            endpoints.append({
+                "namespace": endpoint.namespace, "name": endpoint.name, "ip": endpoint.ip, "interface": endpoint.ifname,
+                "identity": endpoint.identity, "labels": sorted(f"k8s:{k}={v}" for k, v in endpoint.labels.items()),
+                "enforced": {"ingress": bool(compiled and compiled.enforce_ingress),
+                             "egress": bool(compiled and compiled.enforce_egress)},
+                "policies": list(compiled.policies) if compiled is not None else [], "rules": rules,
+            })  # fmt: skip
+        return respond(200, {"endpoints": endpoints, "not_enforced": dict(enforcing.problems),
+                             "cidr_identities": dict(enforcing.cidr_identities)})  # fmt: skip
+
     return counted({
+        "/v1/flows": flow_list,
+        "/v1/policy": policy,
         "POST /v1/cni/add": needs_pods(cni_add),
         "POST /v1/cni/del": needs_pods(cni_del),
         "POST /v1/cni/check": needs_pods(cni_check),

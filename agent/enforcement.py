@@ -108,6 +108,9 @@ class Enforcer:
     default_local_cluster: bool = True
     state_file: Path | None = None
     registry: CollectorRegistry | None = None
+    #: Set once every policy kind is listed: before, no endpoint's policy map is rewritten (after a restart the maps
+    #: hold the policies of before, which an empty list must not wipe). None: from the start.
+    synced: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         self.objects: dict[tuple[str, str, str], list[Policy]] = {}  # (kind, namespace, name) -> its policies
@@ -337,6 +340,19 @@ class Enforcer:
         subscription = self.view.subscribe()
         try:
             self.resync_ipcache()
+            for endpoint in list(self.endpoints.values()):  # after a restart: a new object may have new programs
+                try:
+                    self.datapath.attach(endpoint.ifname)
+                except Exception as exc:
+                    log.info("endpoint %s (%s) is gone: %s", endpoint.name, endpoint.ifname, exc)
+                    self.remove_endpoint(endpoint.ifindex)
+            if self.synced is not None:
+                watching_early = asyncio.create_task(self._follow(subscription), name="enforcer-view")
+                try:
+                    await self.synced.wait()
+                finally:
+                    watching_early.cancel()
+                    await asyncio.gather(watching_early, return_exceptions=True)
             self.recompute()
             watching = asyncio.create_task(self._follow(subscription), name="enforcer-view")
             try:

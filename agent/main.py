@@ -34,12 +34,18 @@ from agent.datapath.netlink import DatapathError
 from agent.datapath.pods import PodNetwork
 from agent.datapath.routing import Driver, Router
 from agent.endpoints import EndpointKeeper, EndpointManager
+from agent.enforcement import POLICY_KINDS, Enforcer
+from agent.flows import FlowLog
 from agent.identities import IdentityAllocator, IdentityCollector
 from agent.mesh import Mesh
+from agent.metrics import DatapathCounters
+from agent.namespaces import NamespaceLabels
 from agent.publishing import NodePublisher, NodeSpec
 from agent.rendering import RemoteRenderer
 from agent.view import MergedView
 from agent.wgkeys import load_or_create
+from bpf.events import RingReader, follow_events
+from bpf.loader import BuildError, Loaded, LoadError, build
 from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait, run_together
 from clustermesh.model import converters
@@ -87,6 +93,9 @@ class AgentSettings:
     ipsec_key: Path | None = None
     ipsec_ca: Path | None = None
     pod_supernets: list[str] = field(default_factory=lambda: ["10.0.0.0/8"])
+    enable_policy: bool = True  # with a datapath: enforce network policies in eBPF
+    policy_default_local_cluster: bool = True
+    bpf_pin_dir: Path | None = None  # default: /sys/fs/bpf/clustermesh/<cluster>-<node>
 
 
 class LocalServices:
@@ -148,6 +157,45 @@ class Agent:
             if self.driver is not None and settings.pod_cidrs
             else None
         )
+        self.loaded: Loaded | None = None
+        self.enforcer: Enforcer | None = None
+        self.flows: FlowLog | None = None
+        self.policy_error = ""
+        self.policies_synced = asyncio.Event()
+        if self.pods is not None and settings.enable_policy:
+            self._load_datapath()
+
+    @property
+    def node_key(self) -> str:
+        return f"{self.settings.cluster.name}/{self.settings.node_name}"
+
+    @property
+    def pin_dir(self) -> Path:
+        default = Path("/sys/fs/bpf/clustermesh") / f"{self.settings.cluster.name}-{self.settings.node_name}"
+        return self.settings.bpf_pin_dir or default
+
+    def _load_datapath(self) -> None:
+        """Build (cached) and load the eBPF datapath; without it the node runs, says why, and is not ready."""
+        assert self.pods is not None
+        try:
+            self.loaded = Loaded.load(build(), self.pin_dir)
+        except (BuildError, LoadError, OSError) as exc:
+            self.policy_error = f"network policies cannot be enforced on this node: {exc}"
+            log.error("%s", self.policy_error)
+            return
+        settings = self.settings
+        self.enforcer = Enforcer(self.mesh.view, self.loaded, settings.cluster.name, self.node_key,
+                                 host_addresses=[*settings.node_ips, self.pods.router_ip],
+                                 default_local_cluster=settings.policy_default_local_cluster,
+                                 state_file=settings.state_dir / "enforced.json", registry=self.registry,
+                                 synced=self.policies_synced)  # fmt: skip
+        self.flows = FlowLog(self.mesh.view, self.node_key, local=self._local_pod, registry=self.registry)
+        self.registry.register(DatapathCounters(self.loaded.counters))
+        log.info("eBPF datapath loaded: %s", self.loaded.object_dir)
+
+    def _local_pod(self, ip: str) -> tuple[str, str] | None:
+        endpoint = self.enforcer.endpoint_by_ip(ip) if self.enforcer is not None else None
+        return (endpoint.namespace, endpoint.name) if endpoint is not None else None
 
     @property
     def keys_path(self) -> Path:
@@ -157,6 +205,12 @@ class Agent:
         if self.router is None or self.driver is None:
             return DatapathStatus()
         details = {key: value for key, value in self.driver.describe().items() if key not in ("driver", "peers")}
+        details["policy"] = {
+            "enforced": self.enforcer is not None,
+            "error": self.policy_error or None,
+            "endpoints": len(self.enforcer.endpoints) if self.enforcer is not None else 0,
+            "not_enforced": dict(self.enforcer.problems) if self.enforcer is not None else {},
+        }
         return DatapathStatus(
             driver=self.driver.name,
             peers=sorted(self.router.applied),
@@ -201,7 +255,8 @@ class Agent:
             self.store = store = open_resource_store(
                 self.settings.source, backend, self.settings.kubeconfig, self.settings.kube_context
             )
-            self.allocator = IdentityAllocator(store, self.settings.cluster)
+            namespaces = NamespaceLabels()
+            self.allocator = IdentityAllocator(store, self.settings.cluster, namespace_labels=namespaces.labels)
             collector = IdentityCollector(store, self.settings.cluster, grace_period=self.settings.identity_gc_grace)
             node_ip = self.settings.node_ips[0] if self.settings.node_ips else ""
             self.endpoints = EndpointManager(store, self.allocator, node_ip=node_ip, pod_cidrs=self.settings.pod_cidrs,
@@ -212,7 +267,10 @@ class Agent:
                 self.allocator.run(),
                 collector.run(),
                 Informer(store, kind_by_name("Service"), LocalServices(self.mesh.view)).run(),
+                Informer(store, kind_by_name("Namespace"), namespaces).run(),
             ]
+            if self.enforcer is not None:
+                jobs.append(self._watch_policies(store, self.enforcer))
             if self.settings.config_dir is not None:
                 jobs.append(self._render_remotes(store, self.settings.config_dir))
             await run_together(jobs)
@@ -220,6 +278,17 @@ class Agent:
             if store is not None:
                 await store.close()
             await backend.close()
+
+    async def _watch_policies(self, store: ResourceStore, enforcer: Enforcer) -> None:
+        """The cluster's policies into the enforcer; once all three kinds are listed, it may enforce."""
+        informers = [Informer(store, kind_by_name(kind), enforcer) for kind in POLICY_KINDS]
+        tasks = [asyncio.create_task(informer.run(), name=f"policies-{informer.kind.plural}") for informer in informers]
+        try:
+            await asyncio.gather(*(informer.synced.wait() for informer in informers))
+            self.policies_synced.set()
+            await asyncio.gather(*tasks)
+        finally:
+            await cancel_and_wait(tasks)
 
     async def _render_remotes(self, store: ResourceStore, directory: Path) -> None:
         renderer = RemoteRenderer(directory, local_cluster=self.settings.cluster.name)
@@ -243,6 +312,9 @@ class Agent:
                 pods=self.pods,
                 supernets=self.settings.pod_supernets,
                 datapath=self.datapath_status,
+                enforcer=lambda: self.enforcer,
+                flows=self.flows,
+                allocator=lambda: self.allocator,
             )
             servers.append(HttpEndpoint(unix_path=self.settings.api_socket, routes=routes))
         if self.settings.metrics_address is not None:
@@ -259,11 +331,23 @@ class Agent:
                 log.error("cannot prepare this node for pods: %s", exc)
         if self.router is not None:
             jobs.append(self.router.run())
+        if self.enforcer is not None and self.loaded is not None and self.flows is not None:
+            jobs.append(self.enforcer.run())
+            jobs.append(self._follow_flows(self.loaded, self.flows))
         try:
             await run_together(jobs)
         finally:
             for server in servers:
                 await server.stop()
+
+    @staticmethod
+    async def _follow_flows(loaded: Loaded, flows: FlowLog) -> None:
+        reader = RingReader.pinned(str(loaded.events_path))
+        try:
+            async for batch in follow_events(reader):
+                flows.add(batch)
+        finally:
+            reader.close()
 
 
 async def _run_until_signalled(agent: Agent) -> None:
@@ -370,6 +454,14 @@ def _boot_id() -> str:
               help="With --datapath ipsec: the CA (or bundle) that peers' certificates must chain to.")  # fmt: skip
 @click.option("--pod-supernet", "pod_supernets", multiple=True, default=["10.0.0.0/8"], show_default=True,
               help="What pods reach through their node (no default route is given to pods).")  # fmt: skip
+@click.option("--enable-policy/--disable-policy", default=True, show_default=True,
+              help="With a datapath: enforce network policies in eBPF, and tell flows.")  # fmt: skip
+@click.option("--policy-default-local-cluster", default=True, show_default=True, type=bool, is_flag=False,
+              flag_value=True, help="(Cilium's flag) A policy's peer selector without the cluster label selects "
+              "the local cluster only; false: any cluster.")  # fmt: skip
+@click.option("--bpf-pin-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where this node's eBPF programs and maps are pinned (default "
+              "/sys/fs/bpf/clustermesh/<cluster>-<node>).")  # fmt: skip
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def main(**params: Any) -> None:
     """Run the node agent: publish this node, read every cluster of the mesh, serve the status."""
@@ -407,6 +499,9 @@ def main(**params: Any) -> None:
         ipsec_key=params["ipsec_key"],
         ipsec_ca=params["ipsec_ca"],
         pod_supernets=list(params["pod_supernets"]),
+        enable_policy=params["enable_policy"],
+        policy_default_local_cluster=params["policy_default_local_cluster"],
+        bpf_pin_dir=params["bpf_pin_dir"],
     )
     try:
         agent = Agent(settings)

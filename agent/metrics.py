@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
 
-__all__ = ["AgentMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from bpf.maps import EGRESS, Counters
+
+__all__ = ["AgentMetrics", "DatapathCounters"]
+
+#: Cilium's drop reasons as its metrics name them (`cilium_drop_count_total{reason}`).
+DROP_REASON_TEXT = {133: "Policy denied", 181: "Policy denied by denylist"}
 
 
 class AgentMetrics:
@@ -42,3 +51,27 @@ class AgentMetrics:
             "api_errors", "Errors the agent's local API answered (the CNI plugin's among them), by route and reason",
             ["route", "reason"], namespace=namespace, registry=registry,
         )  # fmt: skip
+
+
+class DatapathCounters(Collector):
+    """Cilium's packet counters, read from the datapath's per-CPU counters map at each scrape:
+    `cilium_drop_count_total{reason,direction}` and `cilium_forward_count_total{direction}`."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        drops = CounterMetricFamily("cilium_drop_count", "Packets dropped, by reason and direction",
+                                    labels=["reason", "direction"])  # fmt: skip
+        forwards = CounterMetricFamily("cilium_forward_count", "Packets forwarded, by direction", labels=["direction"])
+        totals: dict[str, int] = {"INGRESS": 0, "EGRESS": 0}
+        for (reason, direction), count in sorted(self.counters.read().items()):
+            name = "EGRESS" if direction == EGRESS else "INGRESS"
+            if reason == 0:
+                totals[name] += count
+            else:
+                drops.add_metric([DROP_REASON_TEXT.get(reason, f"reason {reason}"), name], count)
+        for name, count in totals.items():
+            forwards.add_metric([name], count)
+        yield drops
+        yield forwards

@@ -37,6 +37,7 @@ class PodAttachment:
     interface: str
     gateway: str
     mac: str = ""
+    host_ifindex: int = 0
 
 
 class PodNetwork:
@@ -71,6 +72,7 @@ class PodNetwork:
                     peer = await nl.require(f"tmp{host_name[3:]}")
                     await nl.move_to_netns(peer, netns_path, interface)
                 host = await nl.require(host_name)
+                host_index = host
                 await nl.up(host, mtu=self.mtu)
                 await nl.route(f"{ip}/32", oif=host, scope=SCOPE_LINK, proto=RTPROT_PODS)
             await ip_in_netns(
@@ -87,7 +89,7 @@ class PodNetwork:
             await self.delete(container_id)
             raise
         log.info("pod %s: %s on %s", container_id[:12], ip, host_name)
-        return PodAttachment(container_id, ip, host_name, interface, self.router_ip, mac)
+        return PodAttachment(container_id, ip, host_name, interface, self.router_ip, mac, host_index)
 
     async def delete(self, container_id: str) -> str | None:
         async with netlink() as nl:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bpf import loader as bpf_loader
 from clustermesh.lab import controlplane, netns, nodes, underlay
 from clustermesh.lab.layout import MAX_NODES, LabError, LabLayout, NodeLayout
 from clustermesh.lab.pods import CNIFailed, add_pod, run_cni
@@ -142,6 +143,7 @@ class Lab(LabContext):
             del self.state.pods[ref]
         self.state.save(self.state_dir)
         shutil.rmtree(self.node_dir(node), ignore_errors=True)
+        bpf_loader.remove(self.layout.bpf_dir / node.name)
         netns.enter(self.layout.world_netns)
         try:
             asyncio.run(
@@ -228,6 +230,8 @@ def down(name: str, *, progress: Progress = print, keep_logs: Path | None = None
         socket.unlink(missing_ok=True)
     if sockets:
         removed.append(f"{len(sockets)} WireGuard sockets")
+    if bpf_loader.remove(layout.bpf_dir):
+        removed.append(f"eBPF pins {layout.bpf_dir}")
     if layout.state_dir.exists():
         shutil.rmtree(layout.state_dir, ignore_errors=True)
         removed.append(str(layout.state_dir))

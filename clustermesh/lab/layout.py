@@ -21,6 +21,8 @@ __all__ = ["ClusterLayout", "LabLayout", "NodeLayout", "PodLayout", "validate_la
 
 LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 STATE_ROOT = Path("/run/clustermesh-lab")
+#: Where the lab's nodes pin their eBPF programs and maps: one folder per lab, one per node in it.
+BPF_ROOT = Path("/sys/fs/bpf/clustermesh-lab")
 POD_SUPERNET = "10.0.0.0/8"
 UNDERLAY_SUPERNET = "192.168.0.0/16"
 WIREGUARD_PORT = 51871
@@ -169,6 +171,10 @@ class LabLayout:
     @property
     def state_dir(self) -> Path:
         return STATE_ROOT / self.name
+
+    @property
+    def bpf_dir(self) -> Path:
+        return BPF_ROOT / self.name
 
     def cluster(self, index: int) -> ClusterLayout:
         return ClusterLayout(index, self.name)

@@ -27,7 +27,7 @@ import pytest
 
 from clustermesh.lab import netns
 from clustermesh.lab.lab import LabState, load
-from clustermesh.lab.layout import STATE_ROOT, WIREGUARD_PORT, NodeLayout
+from clustermesh.lab.layout import BPF_ROOT, STATE_ROOT, WIREGUARD_PORT, NodeLayout
 
 BIN = Path(sys.executable).parent
 CLI = BIN / "clustermesh"
@@ -167,6 +167,8 @@ class LabHandle:
         found += [f"socket {s}" for s in self.wireguard_sockets()]
         if (STATE_ROOT / self.name).exists():
             found.append(f"state folder {STATE_ROOT / self.name}")
+        if (BPF_ROOT / self.name).exists():
+            found.append(f"eBPF pins {BPF_ROOT / self.name}")
         found += [f"host interface {i}" for i in host_interfaces() if is_wireguard_name(self.name, i)]
         return found
 

@@ -1,0 +1,188 @@
+"""`clustermesh policy get` and `clustermesh observe`: what a node enforces, and the flows it sees.
+
+Both ask agents over their unix sockets: one node (`--socket`) or every node of a lab (`--lab NAME`, whose agents'
+sockets the lab's state names). `observe` filters as `hubble observe` does and prints Hubble's JSON (`-o json`,
+one flow a line) or one line a flow; `--follow` keeps asking each agent for what came after the last flow seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from clustermesh import output
+from clustermesh.cli.root import cli
+from clustermesh.daemon import client
+from clustermesh.model.flows import compact
+
+__all__ = ["observe", "policy_group"]
+
+DEFAULT_SOCKET = "/run/clustermesh/agent.sock"
+
+
+def _sockets(socket: Path | None, lab: str | None) -> dict[str, Path]:
+    """node -> its agent's socket."""
+    if lab is not None:
+        from clustermesh.lab.lab import Lab
+        from clustermesh.lab.layout import LabError
+
+        try:
+            found = Lab.existing(lab)
+        except LabError as exc:
+            raise click.ClickException(str(exc)) from None
+        return {f"c{node.cluster}/{node.name}": found.socket(node) for node in found.state.node_layouts()}
+    chosen = socket or Path(os.environ.get("CLUSTERMESH_AGENT_SOCKET", DEFAULT_SOCKET))
+    return {str(chosen): chosen}
+
+
+async def _get(socket: Path, path: str, timeout: float = 30.0) -> Any:
+    try:
+        answer = await client.request(socket, "GET", path, timeout=timeout)
+    except (client.SocketUnreachable, client.BadAnswer) as exc:
+        raise click.ClickException(f"{exc}: is clustermesh-agent running there?") from None
+    document = answer.json()
+    if answer.status != 200:
+        raise click.ClickException(f"{socket}: {document.get('error') if isinstance(document, dict) else document}")
+    return document
+
+
+socket_option = click.option("--socket", "socket", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                             help="The agent's unix socket (default: $CLUSTERMESH_AGENT_SOCKET or "
+                                  f"{DEFAULT_SOCKET}).")  # fmt: skip
+lab_option = click.option("--lab", "lab", default=None, help="Every node of this lab instead of one socket.")
+
+
+@cli.group("policy")
+def policy_group() -> None:
+    """What a node's agent enforces."""
+
+
+@policy_group.command("get")
+@socket_option
+@lab_option
+@click.option("-o", "--output", "output_format", type=click.Choice(["table", "json"]), default="table")
+def policy_get(socket: Path | None, lab: str | None, output_format: str) -> None:
+    """Per local endpoint: is a direction enforced, and each rule compiled for it (peer identities with their
+    labels, ports, verdict), with the policy it came from."""
+    sockets = _sockets(socket, lab)
+
+    async def collect() -> dict[str, Any]:
+        return {node: await _get(path, "/v1/policy") for node, path in sockets.items()}
+
+    found = asyncio.run(collect())
+    if output_format == "json":
+        output.print_json(found if lab else next(iter(found.values())))
+        return
+    for node, document in found.items():
+        for endpoint in document["endpoints"]:
+            enforced = [d for d in ("ingress", "egress") if endpoint["enforced"][d]]
+            output.out.print(
+                f"[bold]{endpoint['namespace']}/{endpoint['name']}[/] {endpoint['ip']} identity "
+                f"{endpoint['identity']} on {node}: enforced {', '.join(enforced) or 'nowhere (default allow)'}"
+            )
+            rows = [
+                (rule["direction"], rule["verdict"], rule["peers"],
+                 "; ".join(f"{p['identity']} ({','.join(_short(p['labels']))})" for p in rule["identities"]) or "-",
+                 ", ".join(rule["ports"]) or "any", rule["policy"])
+                for rule in endpoint["rules"]
+            ]  # fmt: skip
+            if rows:
+                output.print_table(["DIRECTION", "VERDICT", "PEERS", "IDENTITIES", "PORTS", "POLICY"], rows)
+        for name, reason in document.get("not_enforced", {}).items():
+            output.out.print(f"  [yellow]not enforced[/] {name}: {reason}")
+
+
+def _short(labels: list[str]) -> list[str]:
+    """Labels a person reads: not the namespace's labels, which every identity of a namespace shares."""
+    return [label for label in labels if "io.cilium.k8s.namespace.labels" not in label]
+
+
+# --- observe
+
+
+def _matches_label(endpoint: dict[str, Any], wanted: tuple[str, ...]) -> bool:
+    labels = set(endpoint.get("labels", []))
+    plain = {label.split(":", 1)[1] for label in labels if ":" in label}
+    return all(item in labels or item in plain for item in wanted)
+
+
+def matches(document: dict[str, Any], filters: dict[str, Any]) -> bool:
+    flow = document["flow"]
+    source, destination = flow.get("source", {}), flow.get("destination", {})
+    if filters["from_label"] and not _matches_label(source, filters["from_label"]):
+        return False
+    if filters["to_label"] and not _matches_label(destination, filters["to_label"]):
+        return False
+    for side, key in ((source, "from"), (destination, "to")):
+        if filters[f"{key}_namespace"] and side.get("namespace") != filters[f"{key}_namespace"]:
+            return False
+        if filters[f"{key}_cluster"] and not fnmatch.fnmatch(side.get("cluster_name", ""), filters[f"{key}_cluster"]):
+            return False
+    if filters["verdict"] and flow["verdict"] != filters["verdict"]:
+        return False
+    l4: dict[str, Any] = next(iter(flow.get("l4", {}).values()), {})
+    if filters["port"] and filters["port"] not in (l4.get("source_port"), l4.get("destination_port")):
+        return False
+    protocol = next(iter(flow.get("l4", {})), "").lower().removesuffix("v4")
+    return not filters["protocol"] or protocol == filters["protocol"].lower()
+
+
+@cli.command("observe")
+@socket_option
+@lab_option
+@click.option("--from-label", multiple=True, help="k=v (or k8s:k=v, reserved:world) of the source; repeat: all.")
+@click.option("--to-label", multiple=True, help="The same, of the destination.")
+@click.option("--from-namespace", default=None)
+@click.option("--to-namespace", default=None)
+@click.option("--from-cluster", default=None, help="The source's cluster (a glob: c*).")
+@click.option("--to-cluster", default=None)
+@click.option("--verdict", type=click.Choice(["FORWARDED", "DROPPED"]), default=None)
+@click.option("--port", type=int, default=None, help="Either side's port.")
+@click.option("--protocol", type=click.Choice(["tcp", "udp", "icmp", "sctp"], case_sensitive=False), default=None)
+@click.option("--last", type=int, default=20, show_default=True, help="The last N flows (per node), then stop.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing flows as they come.")
+@click.option("-o", "--output", "output_format", type=click.Choice(["compact", "json"]), default="compact",
+              show_default=True, help="compact: one line a flow; json: Hubble's, one object a line.")  # fmt: skip
+def observe(socket: Path | None, lab: str | None, follow: bool, last: int, output_format: str,
+            **filters: Any) -> None:  # fmt: skip
+    """Flows seen by a node's datapath (or by every node of a lab): drops with both sides' labels and the
+    reason, and each new allowed flow."""
+    sockets = _sockets(socket, lab)
+
+    def show(documents: list[dict[str, Any]]) -> None:
+        for document in sorted(documents, key=lambda d: d["time"]):
+            if not matches(document, filters):
+                continue
+            if output_format == "json":
+                click.echo(json.dumps(document, separators=(",", ":")))
+            else:
+                click.echo(compact(document))
+
+    async def run() -> None:
+        seen: dict[str, int] = {}
+        first: list[dict[str, Any]] = []
+        for node, path in sockets.items():
+            document = await _get(path, "/v1/flows?since=0")
+            picked = [d for d in document["flows"] if matches(d, filters)]
+            first.extend(picked[-last:] if last else picked)
+            seen[node] = document["next"]
+        show(first)
+        while follow:
+            answers = await asyncio.gather(
+                *(_get(path, f"/v1/flows?since={seen[node]}&wait=2", timeout=10) for node, path in sockets.items())
+            )
+            batch = []
+            for node, document in zip(sockets, answers, strict=True):
+                batch.extend(document["flows"])
+                seen[node] = max(seen[node], document["next"])
+            show(batch)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
