@@ -32,7 +32,16 @@ from bpf.maps import EndpointMap, EndpointSettings, IpcacheEntry, IpcacheMap, Po
 from clustermesh.model import wire
 from clustermesh.model.kinds import Kind, Object
 from clustermesh.model.policies import ICMP, Policy, PolicyError, parse_policy
-from clustermesh.model.policycompile import Compiled, Entry, PolicyContext, cidrs_of, compile_endpoint, identity_labels
+from clustermesh.model.policycompile import (
+    Compiled,
+    Entry,
+    MapPlan,
+    PolicyContext,
+    cidrs_of,
+    compile_endpoint,
+    identity_labels,
+    plan,
+)
 from clustermesh.resources.informing import object_ref
 
 __all__ = ["CIDR_IDENTITY_BASE", "Datapath", "Enforcer", "LocalEndpoint", "expand"]
@@ -225,14 +234,9 @@ class Enforcer:
         if endpoint.ifindex not in self._written:
             self._written[endpoint.ifindex] = policy_map.items()  # after a restart: what the map holds
         desired = expand(compiled.entries)
-        written = self._written[endpoint.ifindex]
-        writes = {key: deny for key, deny in desired.items() if written.get(key) != deny}
-        deletes = [key for key in written if key not in desired]
-        if writes:
-            policy_map.write(writes)
-        if deletes:
-            policy_map.remove(deletes)
-        self.counts.policy_writes += len(writes) + len(deletes)
+        changes = plan(desired, self._written[endpoint.ifindex])
+        apply(changes, policy_map)
+        self.counts.policy_writes += len(changes)
         self._written[endpoint.ifindex] = desired
         settings = EndpointSettings(endpoint.identity, compiled.enforce_ingress, compiled.enforce_egress)
         if self._settings.get(endpoint.ifindex) != settings:
@@ -370,6 +374,14 @@ class Enforcer:
     async def _follow(self, subscription: Any) -> None:
         while True:
             self.on_changes(await subscription.drain())
+
+
+def apply(changes: MapPlan[PolicyKey, bool], policy_map: PolicyMap) -> None:
+    """One batch of writes, then one of deletes: the map never lacks an entry that stays."""
+    if changes.writes:
+        policy_map.write(changes.writes)
+    if changes.deletes:
+        policy_map.remove(changes.deletes)
 
 
 def _entry(pair: wire.IPIdentityPair) -> IpcacheEntry:

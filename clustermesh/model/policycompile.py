@@ -19,12 +19,14 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 from clustermesh.model.labels import CLUSTER_LABEL, NAMESPACE_LABEL, SOURCE_K8S, Label
 from clustermesh.model.policies import EGRESS, ICMP, INGRESS, Peer, Policy, PortRange, Rule
 
 __all__ = [
+    "MapPlan",
+    "plan",
     "ANY",
     "Compiled",
     "CompiledRule",
@@ -253,3 +255,27 @@ def cidrs_of(policies: Iterable[Policy]) -> set[str]:
                 if peer.cidr is not None:
                     found.update(c for c in (peer.cidr, *peer.excepts) if ipaddress.ip_network(c).prefixlen)
     return found
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class MapPlan(Generic[K, V]):
+    """The writes that turn a map's `actual` content into the `desired` one, and nothing else."""
+
+    writes: dict[K, V]
+    deletes: list[K]
+
+    def __len__(self) -> int:
+        return len(self.writes) + len(self.deletes)
+
+
+def plan(desired: Mapping[K, V], actual: Mapping[K, V]) -> MapPlan[K, V]:
+    """What changes: an entry unchanged is never rewritten, so a recompute that changes nothing writes nothing."""
+    writes = {key: value for key, value in desired.items() if actual.get(key, _MISSING) != value}
+    return MapPlan(writes, [key for key in actual if key not in desired])
+
+
+_MISSING = object()

@@ -280,3 +280,13 @@ def test_a_policy_that_cannot_be_enforced_as_written_is_refused(text: str, field
         policies(text)
     assert caught.value.field == field, caught.value
     assert words in caught.value.reason
+
+
+def test_a_plan_writes_only_what_differs() -> None:
+    from clustermesh.model.policycompile import plan
+
+    changes = plan({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 9, "d": 4})
+    assert changes.writes == {"b": 2, "c": 3}
+    assert changes.deletes == ["d"]
+    assert len(changes) == 3
+    assert len(plan({"a": 1}, {"a": 1})) == 0
