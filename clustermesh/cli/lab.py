@@ -185,13 +185,95 @@ def lab_wipe_etcd(name: str, cluster: str) -> None:
 @click.argument("pod")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def lab_exec(name: str, pod: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND inside POD (cluster/pod, e.g. c1/pod-1-1) of lab NAME: `lab exec NAME c1/pod-1-1 -- ping ...`."""
+    """Run COMMAND inside POD of lab NAME: `lab exec NAME c1/shop/web -- ping ...` (CLUSTER/NAMESPACE/NAME), or
+    CLUSTER/POD for the pods `lab up` makes (c1/pod-1-1). A process COMMAND leaves in the background keeps running
+    until the pod or the lab goes."""
     from clustermesh.lab import netns
     from clustermesh.lab.lab import load, require_root
+    from clustermesh.lab.pods import find_pod
 
     _lab_errors(require_root)
     state = _lab_errors(lambda: load(name))
-    if pod not in state.pods:
-        known = ", ".join(sorted(state.pods)[:8])
-        raise click.ClickException(f"no pod {pod!r} in lab {name}; pods: {known}")
-    os.execvp("nsenter", [*netns.nsenter(state.pods[pod]["netns"]), *command])
+    _, record = _lab_errors(lambda: find_pod(state, pod))
+    os.execvp("nsenter", [*netns.nsenter(record["netns"]), *command])
+
+
+@lab_group.group("pod")
+def lab_pod() -> None:
+    """Add a pod of your own naming and labels to a running lab, or delete one."""
+
+
+def _cluster_index(cluster: str) -> int:
+    from clustermesh.lab.layout import LabError
+
+    if not re.fullmatch(r"c[1-9]", cluster):
+        raise LabError(f"cluster {cluster!r}: name it as the lab does, c1, c2, ...")
+    return int(cluster[1:])
+
+
+@lab_pod.command("add")
+@click.argument("name")
+@click.argument("cluster")
+@click.argument("pod")
+@click.option("--namespace", "-n", default="default", show_default=True, help="The pod's namespace.")
+@click.option("--labels", "-l", default="", help="The pod's labels: k=v,k2=v2 (with its namespace and cluster, "
+              "they give its identity).")  # fmt: skip
+@click.option("--node", default=None, help="The node (c1-node-2, or its index 2); default: the one with fewest pods.")
+@click.option("-o", "--output", "output_format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)  # fmt: skip
+def lab_pod_add(name: str, cluster: str, pod: str, namespace: str, labels: str, node: str | None,
+                output_format: str) -> None:  # fmt: skip
+    """Add POD to CLUSTER (c1, c2, ...) of lab NAME, attached through the CNI plugin as a kubelet would; print its
+    IP (`-o json`: name, namespace, cluster, node, ip, identity)."""
+    from clustermesh.lab.lab import Lab, require_root
+    from clustermesh.lab.layout import LabError
+    from clustermesh.lab.pods import add_named_pod, parse_labels
+
+    def add() -> dict[str, object]:
+        require_root()
+        index = _cluster_index(cluster)
+        lab = Lab.existing(name, progress=output.step)
+        chosen = None
+        if node is not None:
+            wanted = f"c{index}-node-{node}" if node.isdigit() else node
+            chosen = next((n for n in lab.state.node_layouts() if n.name == wanted), None)
+            if chosen is None or chosen.cluster != index:
+                known = ", ".join(n.name for n in lab.state.node_layouts() if n.cluster == index)
+                raise LabError(f"no node {node!r} in cluster {cluster} of lab {name} (nodes: {known})")
+        return add_named_pod(lab, index, pod, namespace=namespace, labels=parse_labels(labels), node=chosen)
+
+    made = _lab_errors(add)
+    if output_format == "json":
+        output.print_json(made)
+    else:
+        click.echo(made["ip"])
+
+
+@lab_pod.command("delete")
+@click.argument("name")
+@click.argument("pod")
+def lab_pod_delete(name: str, pod: str) -> None:
+    """Delete POD (CLUSTER/NAMESPACE/NAME, or CLUSTER/POD) of lab NAME: CNI DEL, then what runs in it."""
+    from clustermesh.lab.lab import Lab, require_root
+    from clustermesh.lab.pods import delete_pod
+
+    def delete() -> None:
+        require_root()
+        key = delete_pod(Lab.existing(name, progress=output.step), pod)
+        output.step(f"{key}: deleted")
+
+    _lab_errors(delete)
+
+
+@lab_group.command("env")
+@click.argument("lab", required=False, metavar="[NAME]")
+@click.option("--name", default=None, help="The lab's name (also as the argument).  [default: cmlab]")
+def lab_env(lab: str | None, name: str | None) -> None:
+    """Print `export CLUSTERMESH_CONFIG=...`: contexts named after the lab's clusters (c1, c2, ...), so that
+    `clustermesh --context c1 apply -f FILE` from this shell acts on cluster c1. Each cluster's etcd is reached
+    through a bridge on 127.0.0.1 into the lab: the host never sends a packet to a lab address.
+    Use it as `eval "$(clustermesh lab env NAME)"`."""
+    from clustermesh.lab.lab import Lab
+
+    path = _lab_errors(lambda: Lab.existing(_lab_name(lab, name)).env())
+    click.echo(f"export CLUSTERMESH_CONFIG={path}")

@@ -146,14 +146,14 @@ async def connect_all(ctx: LabContext, *, only: str | None = None) -> None:
             ctx.progress(f"clustermesh connect --context {source} --destination-context {destination}")
 
 
-async def delete_node_objects(ctx: LabContext, cluster: int, node_name: str, pods: list[str]) -> None:
+async def delete_node_objects(ctx: LabContext, cluster: int, node_name: str, pods: list[tuple[str, str]]) -> None:
     """What a Kubernetes control plane does when a node goes: its CiliumNode and its pods' endpoints are deleted."""
     backend = await etcd.connect(ctx.config(cluster, f"admin-c{cluster}"))
     try:
         store = StandaloneStore(backend)
-        for pod in pods:
+        for namespace, pod in pods:
             with contextlib.suppress(Exception):
-                await store.delete(kind_by_name("CiliumEndpoint"), pod, "default")
+                await store.delete(kind_by_name("CiliumEndpoint"), pod, namespace)
         with contextlib.suppress(Exception):  # a node that never got as far as publishing itself
             await store.delete(kind_by_name("CiliumNode"), node_name)
     finally:

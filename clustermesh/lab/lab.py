@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bpf import loader as bpf_loader
-from clustermesh.lab import controlplane, netns, nodes, underlay
+from clustermesh.contexts import Context, ContextFile
+from clustermesh.lab import bridge, controlplane, netns, nodes, underlay
 from clustermesh.lab.layout import MAX_NODES, LabError, LabLayout, NodeLayout
 from clustermesh.lab.pods import CNIFailed, add_pod, run_cni
 from clustermesh.lab.state import BIN, LabContext, LabExists, LabState, Progress, load, require_root
@@ -147,7 +148,15 @@ class Lab(LabContext):
         netns.enter(self.layout.world_netns)
         try:
             asyncio.run(
-                controlplane.delete_node_objects(self, node.cluster, node.name, [ref.partition("/")[2] for ref in pods])
+                controlplane.delete_node_objects(
+                    self,
+                    node.cluster,
+                    node.name,
+                    [
+                        (pod.get("namespace", "default"), pod.get("name") or ref.rsplit("/", 1)[1])
+                        for ref, pod in pods.items()
+                    ],
+                )
             )
         except KVStoreError as exc:
             self.progress(f"{node.name}: removed with {len(pods)} pods, but its CiliumNode and endpoints are still "
@@ -172,6 +181,22 @@ class Lab(LabContext):
         asyncio.run(controlplane.wait_for_cluster_config(self, cluster))
         self.progress(f"c{cluster}: its apiserver wrote its cluster-config again")
         asyncio.run(controlplane.connect_all(self, only=f"c{cluster}"))
+
+    # --- the host's shell
+
+    def env(self) -> Path:
+        """A contexts file for the host's shell, a context per cluster (c1, c2, ...) as root of its etcd, reached
+        through the lab's loopback bridge (started if it is not running): never a lab address from the host."""
+        require_root()
+        running = bridge.ensure_bridge(self.state, self.state_dir)
+        contexts = ContextFile(self.state_dir / "host-contexts.yaml")
+        for cluster in self.layout.all_clusters():
+            config = self.config(cluster.index, "root")
+            contexts.add(Context(cluster.name, [f"https://127.0.0.1:{running.ports[cluster.name]}"],
+                                 str(config.ca_file), str(config.cert_file), str(config.key_file)))  # fmt: skip
+        contexts.current = self.layout.cluster(1).name
+        contexts.save()
+        return contexts.path
 
     # --- readiness
 
@@ -215,8 +240,10 @@ def down(name: str, *, progress: Progress = print, keep_logs: Path | None = None
     if keep_logs is not None and (layout.state_dir / "logs").is_dir():
         shutil.rmtree(keep_logs, ignore_errors=True)
         shutil.copytree(layout.state_dir / "logs", keep_logs)
-    namespaces = netns.list_netns(f"{name}-")
     removed = []
+    if bridge.stop_bridge(layout.state_dir, name):
+        removed.append("the loopback bridge")
+    namespaces = netns.list_netns(f"{name}-")
     pids = netns.processes_in(namespaces)
     if pids:
         netns.stop_processes(pids)

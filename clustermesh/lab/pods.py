@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from typing import Any
 
 from clustermesh.lab import netns
 from clustermesh.lab.layout import LabError, NodeLayout
-from clustermesh.lab.state import BIN, LabContext
+from clustermesh.lab.state import BIN, LabContext, LabState
 
-__all__ = ["CNI_TRY_AGAIN", "CNIFailed", "add_pod", "run_cni"]
+__all__ = [
+    "CNI_TRY_AGAIN",
+    "CNIFailed",
+    "add_named_pod",
+    "add_pod",
+    "delete_pod",
+    "find_pod",
+    "parse_labels",
+    "pod_key",
+    "run_cni",
+]
 
 CNI_TRY_AGAIN = 11  # the CNI spec's "try again later" (the agent is starting)
 
@@ -26,10 +37,17 @@ class CNIFailed(LabError):
 
 
 def run_cni(
-    ctx: LabContext, node: NodeLayout, command: str, pod: str, *, labels: dict[str, str] | None = None
+    ctx: LabContext,
+    node: NodeLayout,
+    command: str,
+    pod: str,
+    *,
+    labels: dict[str, str] | None = None,
+    namespace: str = "default",
+    pod_netns: str | None = None,
 ) -> dict[str, Any]:
     """Run the CNI plugin in the node's namespace, as a kubelet would."""
-    pod_netns = f"{ctx.layout.name}-c{node.cluster}-{pod}"
+    pod_netns = pod_netns or f"{ctx.layout.name}-c{node.cluster}-{pod}"
     env = {
         **os.environ,
         "CNI_COMMAND": command,
@@ -37,7 +55,7 @@ def run_cni(
         "CNI_NETNS": str(netns.path(pod_netns)),
         "CNI_IFNAME": "eth0",
         "CNI_PATH": str(BIN),
-        "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};CLUSTERMESH_LABELS="
+        "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};CLUSTERMESH_LABELS="
         + ",".join(f"{k}:{v}" for k, v in (labels or {"app": "lab"}).items()),
     }
     config = {"cniVersion": "1.0.0", "name": "clustermesh", "type": "clustermesh-cni",
@@ -75,3 +93,94 @@ def add_pod(ctx: LabContext, node: NodeLayout, pod: str, *, patience: float = 30
     ip = result["ips"][0]["address"].split("/")[0]
     ctx.state.pods[f"c{node.cluster}/{pod}"] = {"netns": pod_netns, "ip": ip, "node": node.name}
     ctx.progress(f"c{node.cluster}/{pod}: {ip} on {node.name} (identity {result.get('identity')})")
+
+
+#: A pod's and a namespace's name, as Kubernetes takes them (an RFC 1123 label).
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` as Kubernetes takes a pod's labels; an error names the pair that is not one."""
+    labels: dict[str, str] = {}
+    for pair in filter(None, (item.strip() for item in text.split(","))):
+        key, equals, value = pair.partition("=")
+        if not equals or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+            raise LabError(f"label {pair!r}: expected key=value, a Kubernetes label (letters, digits, '-', '_', '.')")
+        labels[key] = value
+    return labels
+
+
+def pod_key(cluster: int, namespace: str, name: str) -> str:
+    """How the lab's state names a pod: `c1/pod-1-1` for those `up` makes (namespace default), else `c1/NS/NAME`."""
+    if namespace == "default" and re.fullmatch(r"pod-\d+-\d+", name):
+        return f"c{cluster}/{name}"
+    return f"c{cluster}/{namespace}/{name}"
+
+
+def find_pod(state: LabState, reference: str) -> tuple[str, dict[str, Any]]:
+    """`CLUSTER/NS/NAME` or `CLUSTER/POD` (a pod of namespace default) -> its key and record in the lab's state."""
+    parts = reference.split("/")
+    if len(parts) == 3 and parts[0].startswith("c") and parts[0][1:].isdigit():
+        key = pod_key(int(parts[0][1:]), parts[1], parts[2])
+    elif len(parts) == 2:
+        key = reference if reference in state.pods else f"{parts[0]}/default/{parts[1]}"
+    else:
+        raise LabError(f"pod {reference!r}: name it CLUSTER/NAMESPACE/NAME (c1/shop/web) or CLUSTER/POD (c1/pod-1-1)")
+    if key not in state.pods:
+        known = ", ".join(sorted(state.pods)[:8])
+        raise LabError(f"no pod {reference!r} in lab {state.name}; pods: {known}")
+    return key, state.pods[key]
+
+
+def add_named_pod(
+    ctx: LabContext, cluster: int, name: str, *, namespace: str, labels: dict[str, str], node: NodeLayout | None = None
+) -> dict[str, Any]:
+    """A pod of the user's naming: its namespace and labels give its identity, as a Deployment's pod's do.
+    Without `node`, the node of the cluster with the fewest pods. Returns what `lab pod add -o json` prints."""
+    for what, value in (("pod name", name), ("namespace", namespace)):
+        if not _NAME.match(value):
+            raise LabError(f"{what} {value!r}: lower-case letters, digits and '-', at most 63 (a Kubernetes name)")
+    nodes = [n for n in ctx.state.node_layouts() if n.cluster == cluster]
+    if not nodes:
+        raise LabError(
+            f"lab {ctx.layout.name} has no cluster c{cluster} (clusters: {', '.join(sorted(ctx.state.nodes))})"
+        )
+    if node is None:
+        load = {n.name: 0 for n in nodes}
+        for record in ctx.state.pods.values():
+            if record["node"] in load:
+                load[record["node"]] += 1
+        node = min(nodes, key=lambda n: (load[n.name], n.index))
+    key = pod_key(cluster, namespace, name)
+    if key in ctx.state.pods:
+        raise LabError(f"pod {key} exists already in lab {ctx.layout.name}")
+    pod_netns = f"{ctx.layout.name}-c{cluster}-{namespace}.{name}"
+    netns.ip("netns", "add", pod_netns)
+    try:
+        result = run_cni(ctx, node, "ADD", name, labels=labels, namespace=namespace, pod_netns=pod_netns)
+    except BaseException:
+        netns.ip("netns", "del", pod_netns, check=False)
+        raise
+    ip = result["ips"][0]["address"].split("/")[0]
+    ctx.state.pods[key] = {"netns": pod_netns, "ip": ip, "node": node.name, "namespace": namespace, "name": name,
+                           "labels": labels}  # fmt: skip
+    ctx.state.save(ctx.state_dir)
+    return {"name": name, "namespace": namespace, "cluster": f"c{cluster}", "node": node.name, "ip": ip,
+            "identity": result.get("identity")}  # fmt: skip
+
+
+def delete_pod(ctx: LabContext, reference: str) -> str:
+    """The pod gone as a kubelet removes one: CNI DEL (its endpoint unpublished, its address freed), then the
+    processes left running in it and its namespace. Returns its key."""
+    key, record = find_pod(ctx.state, reference)
+    node = next((n for n in ctx.state.node_layouts() if n.name == record["node"]), None)
+    if node is not None:
+        name = record.get("name") or key.rsplit("/", 1)[1]
+        run_cni(ctx, node, "DEL", name, namespace=record.get("namespace", "default"), pod_netns=record["netns"])
+    netns.stop_processes(netns.processes_in([record["netns"]]))
+    netns.ip("netns", "del", record["netns"], check=False)
+    del ctx.state.pods[key]
+    ctx.state.save(ctx.state_dir)
+    return key

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import certs
 from clustermesh.lab import netns
@@ -43,7 +44,9 @@ class LabState:
     pods_per_node: int
     routing: str
     nodes: dict[str, list[int]] = field(default_factory=dict)  # "c1" -> node indexes
-    pods: dict[str, dict[str, str]] = field(default_factory=dict)  # "c1/pod-1-1" -> {"netns", "ip", "node"}
+    #: "c1/pod-1-1" (made by `up`) or "c1/NS/NAME" (`lab pod add`) -> {"netns", "ip", "node"[, "namespace", "name",
+    #: "labels"]}
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def layout(self) -> LabLayout:

@@ -70,3 +70,27 @@ def test_loading_a_lab_by_a_bad_name_is_a_lab_error(state_root: Path) -> None:
     """A name that could never be a lab is refused before any path is built from it."""
     with pytest.raises(LabError, match="is invalid"):
         load("../etc")
+
+
+def test_pods_are_found_by_cluster_namespace_and_name_or_by_the_old_form() -> None:
+    from clustermesh.lab.pods import find_pod, pod_key
+
+    state = a_state()
+    state.pods[pod_key(2, "shop", "web")] = {"netns": "lab-c2-shop.web", "ip": "10.2.1.11", "node": "c2-node-1"}
+    assert find_pod(state, "c1/pod-1-1")[0] == "c1/pod-1-1"
+    assert find_pod(state, "c1/default/pod-1-1")[0] == "c1/pod-1-1"  # the pods `up` makes live in default
+    assert find_pod(state, "c2/shop/web")[1]["ip"] == "10.2.1.11"
+    with pytest.raises(LabError, match="no pod 'c1/shop/web'"):
+        find_pod(state, "c1/shop/web")
+    with pytest.raises(LabError, match="CLUSTER/NAMESPACE/NAME"):
+        find_pod(state, "c1/a/b/c")
+
+
+def test_pod_labels_are_kubernetes_labels_or_a_clear_error() -> None:
+    from clustermesh.lab.pods import parse_labels
+
+    assert parse_labels("app=web,tier=db, example.com/team=a") == {"app": "web", "tier": "db", "example.com/team": "a"}
+    assert parse_labels("") == {}
+    for bad in ("app", "app=we b", "=x", "a=b;c", "app=x:y"):
+        with pytest.raises(LabError, match="expected key=value"):
+            parse_labels(bad)
