@@ -15,6 +15,7 @@ Every error is an `ApiError` document with a reason code: `starting` (the agent'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -289,8 +290,9 @@ def routes(
                              "egress": bool(compiled and compiled.enforce_egress)},
                 "policies": list(compiled.policies) if compiled is not None else [], "rules": rules,
             })  # fmt: skip
-        return respond(200, {"endpoints": endpoints, "not_enforced": dict(enforcing.problems),
-                             "cidr_identities": dict(enforcing.cidr_identities)})  # fmt: skip
+        return respond(200, {"endpoints": endpoints, "not_enforced": enforcing.not_enforced(),
+                             "cidr_identities": dict(enforcing.cidr_identities),
+                             "map_writes": dataclasses.asdict(enforcing.counts)})  # fmt: skip
 
     return counted({
         "/v1/flows": flow_list,

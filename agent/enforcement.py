@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from agent.view import Change, MergedView
 from bpf.maps import EndpointMap, EndpointSettings, IpcacheEntry, IpcacheMap, PolicyKey, PolicyMap, port_prefixes
 from clustermesh.model import wire
-from clustermesh.model.kinds import Kind, Object
+from clustermesh.model.errors import ModelError
+from clustermesh.model.kinds import Kind, Object, resolve_kind
 from clustermesh.model.policies import ICMP, Policy, PolicyError, parse_policy
 from clustermesh.model.policycompile import (
     Compiled,
@@ -41,6 +42,7 @@ from clustermesh.model.policycompile import (
     compile_endpoint,
     identity_labels,
     plan,
+    pods_by_cidr,
 )
 from clustermesh.resources.informing import object_ref
 
@@ -49,6 +51,7 @@ __all__ = ["CIDR_IDENTITY_BASE", "Datapath", "Enforcer", "LocalEndpoint", "expan
 log = logging.getLogger(__name__)
 
 CIDR_IDENTITY_BASE = 1 << 24
+FIRST_ENDPOINT_IDENTITY = 256  # below: Cilium's reserved identities
 ID_HOST, ID_REMOTE_NODE = 1, 6
 POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 
@@ -120,6 +123,8 @@ class Enforcer:
     #: Set once every policy kind is listed: before, no endpoint's policy map is rewritten (after a restart the maps
     #: hold the policies of before, which an empty list must not wipe). None: from the start.
     synced: asyncio.Event | None = None
+    #: the objects the cluster's store skipped (they do not decode or validate): key -> why
+    skipped: Callable[[], Mapping[str, str]] | None = None
 
     def __post_init__(self) -> None:
         self.objects: dict[tuple[str, str, str], list[Policy]] = {}  # (kind, namespace, name) -> its policies
@@ -168,6 +173,20 @@ class Enforcer:
         self.problems.pop(f"{kind.name} {namespace + '/' if namespace else ''}{name}", None)
         self.policy_changes.labels("success").inc()
         self._touch()
+
+    def not_enforced(self) -> dict[str, str]:
+        """Every policy object that is not enforced, and why: refused here, or skipped by the store (written around
+        `apply`, so malformed that it is not even a policy object)."""
+        found = dict(self.problems)
+        for key, reason in (self.skipped() if self.skipped is not None else {}).items():
+            parts = key.split("/")  # registry/<plural>/[<namespace>/]<name>, or <plural>/<namespace>/<name>
+            for at in (-3, -2):
+                with contextlib.suppress(ModelError, IndexError):
+                    kind = resolve_kind(parts[at])
+                    if kind.name in POLICY_KINDS and kind.namespaced == (at == -3):
+                        found[f"{kind.name} {'/'.join(p for p in parts[at + 1 :] if p)}"] = reason
+                    break
+        return found
 
     def policies(self) -> list[Policy]:
         return [policy for _, found in sorted(self.objects.items()) for policy in found]
@@ -225,7 +244,13 @@ class Enforcer:
         identities = {number: identity_labels(entry.labels) for number, entry in self.view.identities.items()}
         for endpoint in self.endpoints.values():  # a local identity the view does not hold yet
             identities.setdefault(endpoint.identity, endpoint.labels)
-        return PolicyContext(self.cluster, identities, self.cidr_identities, self.default_local_cluster)
+        addresses: dict[int, list[str]] = {}
+        if pods_by_cidr(self.policies()):
+            for key in self.view.ipcache_keys():
+                pair = self.view.ipcache(key)
+                if pair is not None and FIRST_ENDPOINT_IDENTITY <= pair.ID < CIDR_IDENTITY_BASE and ":" not in pair.IP:
+                    addresses.setdefault(pair.ID, []).append(pair.IP)
+        return PolicyContext(self.cluster, identities, self.cidr_identities, self.default_local_cluster, addresses)
 
     def _apply_endpoint(self, endpoint: LocalEndpoint, context: PolicyContext) -> None:
         compiled = compile_endpoint(endpoint.labels, self.policies(), context)
@@ -258,20 +283,24 @@ class Enforcer:
             self._changed_at = None
 
     def _sync_cidrs(self) -> None:
+        """An identity per CIDR the policies name. An address the mesh knows (an endpoint, a node, this host)
+        keeps its own identity in the ipcache even when a CIDR names it exactly: a CIDR identity only fills
+        prefixes nothing else holds, and gives them back when its policy goes."""
         wanted = cidrs_of(self.policies())
-        for cidr in sorted(wanted - self.cidr_identities.keys()):
+        added = sorted(wanted - self.cidr_identities.keys())
+        gone = [cidr for cidr in self.cidr_identities if cidr not in wanted]
+        if not added and not gone:
+            return
+        for cidr in added:
             used = set(self.cidr_identities.values())
             self.cidr_identities[cidr] = next(
                 n for n in range(CIDR_IDENTITY_BASE, CIDR_IDENTITY_BASE * 2) if n not in used
             )
-        gone = [cidr for cidr in self.cidr_identities if cidr not in wanted]
         for cidr in gone:
             del self.cidr_identities[cidr]
-        self._write_ipcache({cidr: IpcacheEntry(number, "") for cidr, number in self.cidr_identities.items()},
-                            [cidr for cidr in gone if cidr not in self._view_cidrs()])  # fmt: skip
-
-    def _view_cidrs(self) -> set[str]:
-        return {_cidr(key) for key in self.view.ipcache_keys()}
+        full = self.full_ipcache()
+        self._write_ipcache({cidr: full[cidr] for cidr in [*added, *gone] if cidr in full},
+                            [cidr for cidr in gone if cidr not in full])  # fmt: skip
 
     # --- the ipcache
 
@@ -292,7 +321,7 @@ class Enforcer:
 
     def full_ipcache(self) -> dict[str, IpcacheEntry]:
         """What the ipcache map must hold now, from the view, the nodes and the policies' CIDRs."""
-        wanted: dict[str, IpcacheEntry] = {}
+        wanted = {cidr: IpcacheEntry(number, "") for cidr, number in self.cidr_identities.items()}
         for key, node in self.view.nodes.items():
             wanted.update(self._node_entries(key, node))
         wanted.update({f"{ip}/32": IpcacheEntry(ID_HOST, "") for ip in self.host_addresses})
@@ -300,7 +329,6 @@ class Enforcer:
             pair = self.view.ipcache(key)
             if pair is not None and ":" not in pair.IP:
                 wanted[_cidr(key)] = _entry(pair)
-        wanted.update({cidr: IpcacheEntry(number, "") for cidr, number in self.cidr_identities.items()})
         return wanted
 
     def resync_ipcache(self) -> None:
@@ -336,8 +364,13 @@ class Enforcer:
                     self._node_cidrs[change.key] = list(new)
             elif change.kind == "identity":
                 self._touch()
-        protected = {f"{ip}/32" for ip in self.host_addresses} | set(self.cidr_identities)
-        self._write_ipcache(entries, [c for c in removed if c not in protected])
+
+        if any(change.kind == "ipcache" for change in changes) and pods_by_cidr(self.policies()):
+            self._touch()  # an ipBlock selects pods by address: a pod's address changes what it allows
+        protected = {f"{ip}/32" for ip in self.host_addresses}
+        # a CIDR identity takes back a prefix an endpoint or a node held
+        entries.update({c: IpcacheEntry(self.cidr_identities[c], "") for c in removed if c in self.cidr_identities})
+        self._write_ipcache(entries, [c for c in removed if c not in protected and c not in entries])
 
     async def run(self) -> None:
         """Keep the maps in step with the view and the policies, until cancelled."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -38,7 +39,7 @@ from agent.enforcement import POLICY_KINDS, Enforcer
 from agent.flows import FlowLog
 from agent.identities import IdentityAllocator, IdentityCollector
 from agent.mesh import Mesh
-from agent.metrics import DatapathCounters
+from agent.metrics import DatapathCounters, PolicyProblems
 from agent.namespaces import NamespaceLabels
 from agent.publishing import NodePublisher, NodeSpec
 from agent.rendering import RemoteRenderer
@@ -188,10 +189,14 @@ class Agent:
                                  host_addresses=[*settings.node_ips, self.pods.router_ip],
                                  default_local_cluster=settings.policy_default_local_cluster,
                                  state_file=settings.state_dir / "enforced.json", registry=self.registry,
-                                 synced=self.policies_synced)  # fmt: skip
+                                 synced=self.policies_synced, skipped=self._skipped_objects)  # fmt: skip
         self.flows = FlowLog(self.mesh.view, self.node_key, local=self._local_pod, registry=self.registry)
         self.registry.register(DatapathCounters(self.loaded.counters))
+        self.registry.register(PolicyProblems(self.enforcer.not_enforced))
         log.info("eBPF datapath loaded: %s", self.loaded.object_dir)
+
+    def _skipped_objects(self) -> dict[str, str]:
+        return dict(getattr(self.store, "skipped", None) or {})
 
     def _local_pod(self, ip: str) -> tuple[str, str] | None:
         endpoint = self.enforcer.endpoint_by_ip(ip) if self.enforcer is not None else None
@@ -209,7 +214,8 @@ class Agent:
             "enforced": self.enforcer is not None,
             "error": self.policy_error or None,
             "endpoints": len(self.enforcer.endpoints) if self.enforcer is not None else 0,
-            "not_enforced": dict(self.enforcer.problems) if self.enforcer is not None else {},
+            "not_enforced": self.enforcer.not_enforced() if self.enforcer is not None else {},
+            "map_writes": dataclasses.asdict(self.enforcer.counts) if self.enforcer is not None else {},
         }
         return DatapathStatus(
             driver=self.driver.name,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bpf.maps import EGRESS, Counters
@@ -75,3 +75,22 @@ class DatapathCounters(Collector):
             forwards.add_metric([name], count)
         yield drops
         yield forwards
+
+
+class PolicyProblems(Collector):
+    """`clustermesh_policies_not_enforced{kind}`: policy objects this agent does not enforce (refused by the model,
+    or skipped by the store as malformed), counted at each scrape."""
+
+    def __init__(self, not_enforced: Callable[[], dict[str, str]]) -> None:
+        self.not_enforced = not_enforced
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("clustermesh_policies_not_enforced", "Policy objects not enforced, by kind",
+                                  labels=["kind"])  # fmt: skip
+        kinds: dict[str, int] = {}
+        for label in self.not_enforced():
+            kind = label.partition(" ")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, count in sorted(kinds.items()):
+            gauge.add_metric([kind], count)
+        yield gauge

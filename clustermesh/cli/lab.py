@@ -52,7 +52,11 @@ def _lab_name(positional: str | None, option: str | None) -> str:
 @click.option("--pods", default=2, show_default=True, help="Pods per node.")
 @click.option("--routing", type=click.Choice(["wireguard", "ipsec", "vxlan", "native"]), default="wireguard",
               show_default=True)  # fmt: skip
-def lab_up(lab: str | None, name: str | None, clusters: int, nodes: int, pods: int, routing: str) -> None:
+@click.option("--agent-arg", "agent_args", multiple=True, metavar="FLAG",
+              help="A flag for every agent, as `--agent-arg=--policy-default-local-cluster=false`; repeat for more "
+                   "(nodes added later get them too).")  # fmt: skip
+def lab_up(lab: str | None, name: str | None, clusters: int, nodes: int, pods: int, routing: str,
+           agent_args: tuple[str, ...]) -> None:  # fmt: skip
     """Build the lab: underlay, per cluster etcd and apiserver, per node an agent, pods, all clusters connected."""
     from clustermesh.lab.lab import Lab, LabExists
     from clustermesh.lab.layout import LabLayout
@@ -61,6 +65,7 @@ def lab_up(lab: str | None, name: str | None, clusters: int, nodes: int, pods: i
 
     def up() -> None:
         lab = Lab(LabLayout(name, clusters, nodes, pods, routing), progress=output.step)
+        lab.state.agent_args = list(agent_args)
         try:
             lab.up()
         except LabExists:

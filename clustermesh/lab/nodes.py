@@ -50,7 +50,7 @@ def start_agent(ctx: LabContext, node: NodeLayout) -> None:
             "--api-socket", str(ctx.socket(node)), "--datapath", ctx.layout.routing,
             "--wireguard-interface", node.wireguard_interface, "--wireguard-port", str(WIREGUARD_PORT),
             "--pod-supernet", POD_SUPERNET, "--identity-gc-grace", "60", *ipsec,
-            "--bpf-pin-dir", str(ctx.layout.bpf_dir / node.name),
+            "--bpf-pin-dir", str(ctx.layout.bpf_dir / node.name), *ctx.state.agent_args,
         ],
         r"listening on ",
     )  # fmt: skip

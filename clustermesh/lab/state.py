@@ -47,6 +47,7 @@ class LabState:
     #: "c1/pod-1-1" (made by `up`) or "c1/NS/NAME" (`lab pod add`) -> {"netns", "ip", "node"[, "namespace", "name",
     #: "labels"]}
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agent_args: list[str] = field(default_factory=list)  # more flags for every agent (`lab up --agent-arg`)
 
     @property
     def layout(self) -> LabLayout:

@@ -84,6 +84,9 @@ class Peer:
     entity: str | None = None
     cidr: str | None = None
     excepts: tuple[str, ...] = ()
+    #: a NetworkPolicy's ipBlock also selects the pods whose addresses are in it (Kubernetes' network policy e2e
+    #: suite expects so); Cilium's fromCIDR/toCIDR select only addresses outside the mesh's endpoints
+    cidr_selects_pods: bool = False
 
     def __str__(self) -> str:
         if self.entity is not None:
@@ -203,7 +206,7 @@ def _np_peer(document: Any, field: str, namespace: str) -> Peer:
         for i, item in enumerate(excepts):
             if not ipaddress.ip_network(item).subnet_of(ipaddress.ip_network(cidr)):  # type: ignore[arg-type]
                 raise PolicyError(f"{field}.ipBlock.except[{i}]", f"{item} is not inside {cidr}")
-        return Peer(cidr=cidr, excepts=excepts)
+        return Peer(cidr=cidr, excepts=excepts, cidr_selects_pods=True)
     if not peer:
         raise PolicyError(field, "a peer needs podSelector, namespaceSelector or ipBlock")
     pods = LabelSelector.parse(peer["podSelector"], f"{field}.podSelector") if "podSelector" in peer else None

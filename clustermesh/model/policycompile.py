@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
@@ -25,6 +25,7 @@ from clustermesh.model.labels import CLUSTER_LABEL, NAMESPACE_LABEL, SOURCE_K8S,
 from clustermesh.model.policies import EGRESS, ICMP, INGRESS, Peer, Policy, PortRange, Rule
 
 __all__ = [
+    "pods_by_cidr",
     "MapPlan",
     "plan",
     "ANY",
@@ -71,6 +72,8 @@ class PolicyContext:
     #: CIDR -> the identity the agent gave the addresses of that CIDR (see `cidrs_of`)
     cidr_identities: Mapping[str, int] = field(default_factory=dict)
     default_local_cluster: bool = True
+    #: endpoint identity -> the addresses of its endpoints (for an ipBlock that selects pods)
+    endpoint_addresses: Mapping[int, Sequence[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,30 @@ def peer_identities(peer: Peer, context: PolicyContext) -> set[int]:
         }
         if ipaddress.ip_network(peer.cidr).prefixlen == 0:
             selected.add(ID_WORLD)  # every address outside the mesh and outside every CIDR of a policy
+        if peer.cidr_selects_pods:
+            selected |= _pods_inside(peer, context)
         return selected
     return {number for number, labels in context.identities.items() if _endpoint_peer_matches(peer, labels, context)}
+
+
+def _pods_inside(peer: Peer, context: PolicyContext) -> set[int]:
+    """The endpoint identities all of whose addresses are in the block and outside its exceptions: the datapath
+    tells peers by identity, so an identity with one pod outside (or excepted) is not selected at all."""
+    assert peer.cidr is not None
+    block = ipaddress.ip_network(peer.cidr)
+    excepted = [ipaddress.ip_network(item) for item in peer.excepts]
+    selected = set()
+    for number, addresses in context.endpoint_addresses.items():
+        ips = [ipaddress.ip_address(address) for address in addresses]
+        if ips and all(ip in block and not any(ip in item for item in excepted) for ip in ips):
+            selected.add(number)
+    return selected
+
+
+def pods_by_cidr(policies: Iterable[Policy]) -> bool:
+    """Whether a policy has an ipBlock that selects pods by address: then a pod's address coming or going can
+    change what a policy allows, and the agent recomputes on ipcache changes too."""
+    return any(peer.cidr_selects_pods for policy in policies for rule in policy.rules for peer in rule.peers or ())
 
 
 def _ranges(port: PortRange) -> tuple[int, int]:

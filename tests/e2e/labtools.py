@@ -170,7 +170,20 @@ class LabHandle:
         if (BPF_ROOT / self.name).exists():
             found.append(f"eBPF pins {BPF_ROOT / self.name}")
         found += [f"host interface {i}" for i in host_interfaces() if is_wireguard_name(self.name, i)]
+        found += [f"loopback bridge (pid {pid})" for pid in bridge_processes(self.name)]
         return found
+
+
+def bridge_processes(lab: str) -> list[int]:
+    """The lab's loopback bridge (`lab env`), the one process of a lab in the host's namespace, found by its argv."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"clustermesh.lab.bridge" in argv and lab.encode() in argv:
+                    found.append(int(entry.name))
+    return found
 
 
 def _comm(pid: int) -> str:
@@ -200,7 +213,8 @@ class LabBuild:
     three take ~7 s together). A lab of the same name left by an earlier, interrupted run is removed first (these
     names are the tests' own)."""
 
-    def __init__(self, name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1) -> None:
+    def __init__(self, name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1,
+                 agent_args: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.lab = LabHandle(name, routing)
         if self.lab.leftovers():
             remove_lab(name)
@@ -208,7 +222,7 @@ class LabBuild:
         with self.output.open("w") as out:
             self.process = subprocess.Popen(
                 [str(CLI), "lab", "up", "--name", name, "--clusters", str(clusters), "--nodes", str(nodes),
-                 "--pods", str(pods), "--routing", routing],
+                 "--pods", str(pods), "--routing", routing, *(f"--agent-arg={arg}" for arg in agent_args)],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -233,8 +247,9 @@ class LabBuild:
         remove_lab(self.lab.name)
 
 
-def build_lab(name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1) -> LabHandle:
-    return LabBuild(name, routing=routing, clusters=clusters, nodes=nodes, pods=pods).wait()
+def build_lab(name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1,
+              agent_args: tuple[str, ...] = ()) -> LabHandle:  # fmt: skip
+    return LabBuild(name, routing=routing, clusters=clusters, nodes=nodes, pods=pods, agent_args=agent_args).wait()
 
 
 def assert_removed(name: str) -> None:
@@ -245,10 +260,11 @@ def assert_removed(name: str) -> None:
 
 
 @contextlib.contextmanager
-def lab_owned(name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1) -> Iterator[LabHandle]:
+def lab_owned(name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1,
+              agent_args: tuple[str, ...] = ()) -> Iterator[LabHandle]:  # fmt: skip
     """A lab that is removed at the end whatever happened, and checked to be gone."""
     try:
-        yield build_lab(name, routing=routing, clusters=clusters, nodes=nodes, pods=pods)
+        yield build_lab(name, routing=routing, clusters=clusters, nodes=nodes, pods=pods, agent_args=agent_args)
     finally:
         assert_removed(name)
 

@@ -143,6 +143,33 @@ spec:
     assert datapath.endpoints.get(12) == EndpointSettings(WEB_ID, False, True)
 
 
+EXCEPT_A_POD = yaml.safe_load("""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: in, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.2.1.10/32]}}]}]
+""")
+
+
+def test_a_cidr_naming_a_pod_never_takes_its_identity_and_a_pod_selected_by_address_is_allowed() -> None:
+    enforcer, view, datapath = make()
+    enforcer.add_endpoint(WEB)
+    enforcer.on_upsert(NP, EXCEPT_A_POD)
+    enforcer.recompute()
+    assert datapath.ipcache.lookup("10.2.1.10") == IpcacheEntry(REMOTE_CLIENT_ID, "192.168.2.11"), "still the pod's"
+    policy = datapath.policy_map(12)
+    assert policy.verdict(INGRESS, REMOTE_CLIENT_ID, TCP, 80) is None, "its pod is in the exception"
+    view.upsert("c1", "ipcache", keys.ip_key("10.1.1.20"), pod("10.1.1.20", CLIENT_ID, "c1", "192.168.1.11"))
+    enforcer.recompute()
+    assert policy.verdict(INGRESS, CLIENT_ID, TCP, 80) is False, "a pod inside the block: its identity allowed"
+    enforcer.on_delete(NP, EXCEPT_A_POD)
+    enforcer.recompute()
+    assert datapath.ipcache.lookup("10.2.1.10") == IpcacheEntry(REMOTE_CLIENT_ID, "192.168.2.11"), "kept"
+    assert datapath.ipcache.lookup("10.9.9.9") is None, "the CIDR identities are gone with their policy"
+
+
 def test_a_policy_that_cannot_be_enforced_is_skipped_and_the_others_stay() -> None:
     enforcer, _, datapath = make()
     enforcer.add_endpoint(WEB)
@@ -182,3 +209,18 @@ def test_endpoints_are_remembered_across_a_restart(tmp_path: object) -> None:
     first.add_endpoint(WEB)
     again = Enforcer(view, datapath, "c1", "c1/n1", state_file=state)
     assert again.endpoints == {12: WEB}
+
+
+def test_policies_the_store_skipped_are_named_as_not_enforced() -> None:
+    view = MergedView("c1")
+    skipped = {"registry/ciliumnetworkpolicies/shop/broken": "not a valid CiliumNetworkPolicy: ...",
+               "registry/ciliumclusterwidenetworkpolicies/wide": "not a valid CiliumClusterwideNetworkPolicy: ...",
+               "registry/ciliumnodes/n1": "not a valid CiliumNode: ..."}  # fmt: skip
+    enforcer = Enforcer(view, MemoryDatapath(), "c1", "c1/n1", skipped=lambda: skipped)
+    enforcer.on_upsert(CNP, {**ALLOW_REMOTE_CLIENT, "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                                                            "ingress": [{"fromEndpointz": []}]}})  # fmt: skip
+    assert set(enforcer.not_enforced()) == {
+        "CiliumNetworkPolicy shop/broken",
+        "CiliumNetworkPolicy shop/web",
+        "CiliumClusterwideNetworkPolicy wide",
+    }

@@ -106,6 +106,19 @@ def test_ip_blocks_select_cidr_identities_minus_their_exceptions() -> None:
     assert {e.identity for e in entries(text, cidr_identities=cidr_ids)} == {16777217}
 
 
+def test_an_ip_block_of_a_network_policy_selects_the_pods_whose_addresses_are_in_it() -> None:
+    text = NP + "  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.2.0.5/32]}}]}]\n"
+    addresses = {65538: ["10.1.0.7"], 65539: ["10.1.0.8", "10.2.0.5"], 131073: ["10.2.0.6"], 131074: ["172.16.0.1"]}
+    found = {e.identity for e in entries(text, endpoint_addresses=addresses, cidr_identities={"10.0.0.0/8": 1 << 24})}
+    # 65539 has a pod in the exception: an identity is selected whole or not at all; 131074 is outside
+    assert found == {65538, 131073, 1 << 24}
+
+
+def test_a_cilium_cidr_rule_never_selects_endpoints() -> None:
+    text = CNP + "  ingress: [{fromCIDR: [10.0.0.0/8]}]\n"
+    assert {e.identity for e in entries(text, endpoint_addresses={65538: ["10.1.0.7"]})} == set()
+
+
 # --- Cilium's policies
 
 
