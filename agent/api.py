@@ -290,7 +290,7 @@ def routes(
                              "egress": bool(compiled and compiled.enforce_egress)},
                 "policies": list(compiled.policies) if compiled is not None else [], "rules": rules,
             })  # fmt: skip
-        return respond(200, {"endpoints": endpoints, "not_enforced": enforcing.not_enforced(),
+        return respond(200, {"node": enforcing.node, "endpoints": endpoints, "not_enforced": enforcing.not_enforced(),
                              "cidr_identities": dict(enforcing.cidr_identities),
                              "map_writes": dataclasses.asdict(enforcing.counts)})  # fmt: skip
 

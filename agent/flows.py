@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.view import MergedView
-from bpf.maps import EGRESS, VERDICT_DROPPED, FlowEvent
+from bpf.maps import EGRESS, FLOW_EVENT_SIZE, VERDICT_DROPPED, FlowEvent
 from clustermesh.model.flows import DROP_REASONS, PROTOCOLS, RESERVED, compact
 from clustermesh.model.labels import CLUSTER_LABEL, NAMESPACE_LABEL
 
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: bpf_ktime_get_ns is CLOCK_MONOTONIC: this is what to add to it for the wall clock.
 _MONOTONIC_TO_WALL = time.time_ns() - time.monotonic_ns()
+
+#: where a record's protocol, verdict and reason are (bpf/src/datapath.h, struct flow_event)
+_PROTOCOL, _VERDICT, _REASON = 28, 29, 30
 
 Describe = Callable[[int, str], dict[str, Any]]
 
@@ -80,7 +83,7 @@ class FlowLog:
         self.view = view
         self.node = node
         self.local = local  # ip -> (namespace, pod name) of this node's endpoints
-        self.flows: deque[tuple[int, dict[str, Any]]] = deque(maxlen=capacity)
+        self.flows: deque[tuple[int, bytes]] = deque(maxlen=capacity)
         self.next = 1
         self.changed = asyncio.Event()
         registry = registry or CollectorRegistry()
@@ -104,22 +107,31 @@ class FlowLog:
             endpoint["namespace"], endpoint["pod_name"] = pair.namespace, pair.pod_name
         return {key: value for key, value in endpoint.items() if value not in ("", None)}
 
-    def add(self, events: list[FlowEvent]) -> None:
-        for event in events:
-            document = to_flow(event, self.node, self.describe)
-            self.flows.append((self.next, document))
+    def add(self, records: list[bytes]) -> None:
+        """Records of the ring buffer, kept as they come and decoded only when read; the counters are counted per
+        batch. A burst of new flows costs this node's agent little."""
+        batch: dict[tuple[int, int, int], int] = {}
+        for record in records:
+            if len(record) < FLOW_EVENT_SIZE:
+                continue
+            self.flows.append((self.next, record))
             self.next += 1
-            flow = document["flow"]
-            dropped = flow["verdict"] == "DROPPED"
-            self.processed.labels(flow["Summary"], "Drop" if dropped else "PolicyVerdict", "",
-                                  flow["verdict"]).inc()  # fmt: skip
-            if dropped:
-                self.drops.labels(flow["drop_reason_desc"], flow["Summary"]).inc()
+            key = (record[_PROTOCOL], record[_VERDICT], record[_REASON])
+            batch[key] = batch.get(key, 0) + 1
+        for (protocol, verdict, reason), count in batch.items():
+            summary = PROTOCOLS.get(protocol, f"protocol {protocol}")
+            if verdict == VERDICT_DROPPED:
+                self.processed.labels(summary, "Drop", "", "DROPPED").inc(count)
+                self.drops.labels(DROP_REASONS.get(reason, ("", f"REASON_{reason}"))[1], summary).inc(count)
+            else:
+                self.processed.labels(summary, "PolicyVerdict", "", "FORWARDED").inc(count)
         self.changed.set()
 
     def since(self, after: int, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
-        found = [(number, flow) for number, flow in self.flows if number > after]
-        return found[-limit:] if limit else found
+        found = [(number, record) for number, record in self.flows if number > after]
+        if limit:
+            found = found[-limit:]
+        return [(number, to_flow(FlowEvent.decode(record), self.node, self.describe)) for number, record in found]
 
     async def wait(self, after: int, timeout: float) -> None:
         """Until a flow numbered after `after` exists, or `timeout` seconds passed."""

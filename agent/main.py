@@ -45,7 +45,7 @@ from agent.publishing import NodePublisher, NodeSpec
 from agent.rendering import RemoteRenderer
 from agent.view import MergedView
 from agent.wgkeys import load_or_create
-from bpf.events import RingReader, follow_events
+from bpf.events import RingReader, follow_records
 from bpf.loader import BuildError, Loaded, LoadError, build
 from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait, run_together
@@ -350,7 +350,7 @@ class Agent:
     async def _follow_flows(loaded: Loaded, flows: FlowLog) -> None:
         reader = RingReader.pinned(str(loaded.events_path))
         try:
-            async for batch in follow_events(reader):
+            async for batch in follow_records(reader):
                 flows.add(batch)
         finally:
             reader.close()

@@ -3,12 +3,14 @@
 The kernel's BPF ring buffer is one consumer page (read-write: where we have read to), one producer page (where the
 kernel has written to), then the data area mapped twice in a row, so that a record that wraps reads as one. Each
 record has an 8-byte header: its length, with a busy bit (still being written: stop there) and a discard bit (skip
-it). The map's fd is readable while there is something to read, so the reader waits on the event loop, not a timer.
+it). The datapath wakes the reader (the map's fd turns readable) only once much is waiting, so the reader also reads
+on a short timer: a burst of events costs one read, not one wakeup each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import struct
@@ -17,7 +19,7 @@ from collections.abc import AsyncIterator
 from bpf import syscall
 from bpf.maps import FLOW_EVENT_SIZE, FlowEvent
 
-__all__ = ["RingReader", "follow_events"]
+__all__ = ["RingReader", "follow_events", "follow_records"]
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
@@ -63,8 +65,9 @@ class RingReader:
         os.close(self.fd)
 
 
-async def follow_events(reader: RingReader) -> AsyncIterator[list[FlowEvent]]:
-    """Batches of flow events as they come, until cancelled."""
+async def follow_records(reader: RingReader, *, every: float = 0.1) -> AsyncIterator[list[bytes]]:
+    """Batches of raw records, until cancelled: what is there every `every` seconds, or sooner when the datapath
+    wakes the reader (it does so only once much is waiting: one wakeup per event would cost more than the event)."""
     loop = asyncio.get_running_loop()
     readable = asyncio.Event()
     loop.add_reader(reader.fd, readable.set)
@@ -72,9 +75,16 @@ async def follow_events(reader: RingReader) -> AsyncIterator[list[FlowEvent]]:
         while True:
             records = reader.read()
             if records:
-                yield [FlowEvent.decode(record) for record in records if len(record) >= FLOW_EVENT_SIZE]
+                yield records
                 continue
             readable.clear()
-            await readable.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(readable.wait(), every)
     finally:
         loop.remove_reader(reader.fd)
+
+
+async def follow_events(reader: RingReader, *, every: float = 0.1) -> AsyncIterator[list[FlowEvent]]:
+    """Batches of flow events, decoded."""
+    async for records in follow_records(reader, every=every):
+        yield [FlowEvent.decode(record) for record in records if len(record) >= FLOW_EVENT_SIZE]

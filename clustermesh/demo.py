@@ -3,7 +3,10 @@
 Steps, each printed with the command a user would type: `clustermesh lab up` (2 clusters x 2 nodes x 2 pods, each
 node an agent with its wireguard-go tunnel, pods attached by the CNI plugin, the clusters joined with `clustermesh
 connect`); `clustermesh status` of a node of each cluster; a ping and an HTTP request from a pod of cluster c1 to a
-pod of cluster c2; the WireGuard peers of a node (`wg show`), with their handshakes and bytes; `clustermesh lab down`.
+pod of cluster c2; the WireGuard peers of a node (`wg show`), with their handshakes and bytes; then network policy in
+eBPF: a CiliumNetworkPolicy that lets only `app=client` pods of cluster c2 reach `app=server` in c1 on port 8080, a
+client that gets through, an intruder that is refused, what the agent enforces (`clustermesh policy get`) and the drop
+as `clustermesh observe` shows it, with both sides' labels; `clustermesh lab down`.
 A lab left by an earlier demo that crashed is removed first; the lab is removed at the end, also on an error or
 Ctrl-C. Needs root (network namespaces); `clustermesh demo --control-plane` shows the control plane without it.
 """
@@ -21,6 +24,7 @@ from clustermesh import output
 from clustermesh.lab import netns
 from clustermesh.lab.lab import Lab, down, require_root
 from clustermesh.lab.layout import LabLayout
+from clustermesh.lab.pods import add_named_pod
 from clustermesh.processes.child import Child
 from clustermesh.status import fetch_status, render_status
 
@@ -90,6 +94,92 @@ def _wireguard(lab: Lab) -> None:
     output.out.print(netns.run(*netns.nsenter(node.netns), "wg", "show", node.wireguard_interface).rstrip())
 
 
+NAMESPACE = """apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: shop}}
+"""
+POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server-from-c2-clients, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client, io.cilium.k8s.policy.cluster: c2}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+
+
+def _cli(*args: str, stdin: str | None = None) -> str:
+    command = [str(Path(sys.executable).parent / "clustermesh"), *args]
+    result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"clustermesh {' '.join(args)} failed: {(result.stderr or result.stdout).strip()}")
+    return result.stdout
+
+
+def _policy(lab: Lab, workdir: Path) -> None:
+    # this process lives in the lab's world namespace since `up`: it reaches etcd with the lab's own contexts, where
+    # a user's shell uses `lab env`'s (through a loopback bridge)
+    contexts = str(lab.state_dir / "contexts.yaml")
+    (workdir / "shop.yaml").write_text(NAMESPACE)
+    (workdir / "policy.yaml").write_text(POLICY)
+    _say("Namespace shop in both clusters (its labels become part of its pods' identities)",
+         f'eval "$(clustermesh lab env {LAB})"; clustermesh --context c1 apply -f shop.yaml; '
+         "clustermesh --context c2 apply -f shop.yaml")  # fmt: skip
+    for cluster in ("c1", "c2"):
+        output.out.print(_cli("--config", contexts, "--context", cluster, "apply", "-f", str(workdir / "shop.yaml"))
+                         .rstrip())  # fmt: skip
+    for cluster, name, app in (("c1", "server", "server"), ("c2", "client", "client"), ("c2", "intruder", "intruder")):
+        _say(f"A pod {name} (app={app}) in namespace shop of cluster {cluster}",
+             f"clustermesh lab pod add {LAB} {cluster} {name} --namespace shop --labels app={app}")  # fmt: skip
+        made = add_named_pod(lab, int(cluster[1:]), name, namespace="shop", labels={"app": app})
+        output.out.print(f"{made['ip']} on {made['node']}, identity {made['identity']}")
+    _say("A policy in c1: only app=client pods of cluster c2 reach app=server, and only on TCP 8080",
+         "clustermesh --context c1 apply -f policy.yaml")  # fmt: skip
+    output.out.print(POLICY.rstrip(), markup=False, highlight=False)
+    output.out.print(_cli("--config", contexts, "--context", "c1", "apply", "-f", str(workdir / "policy.yaml"))
+                     .rstrip())  # fmt: skip
+    server_ip = lab.state.pods["c1/shop/server"]["ip"]
+    server = Child("http server in c1/shop/server", [*netns.nsenter(lab.state.pods["c1/shop/server"]["netns"]),
+                   sys.executable, "-m", "http.server", "8080", "--bind", server_ip, "--directory", str(workdir)],
+                   workdir / "server.log")  # fmt: skip
+    server.start()
+    try:
+        server.wait_for(r"Serving HTTP")
+        fetch = (f"import urllib.request; urllib.request.urlopen('http://{server_ip}:8080/policy.yaml', timeout=3); "
+                 "print('HTTP 200')")  # fmt: skip
+        _say("c2/shop/client (app=client, cluster c2) asks the server: allowed",
+             f'clustermesh lab exec {LAB} c2/shop/client -- python3 -c "..."')  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:  # the agents write the maps within a moment of the policy
+            try:
+                output.out.print(_in_pod(lab, "c2/shop/client", sys.executable, "-c", fetch).rstrip())
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+        _say("c2/shop/intruder (app=intruder) asks the same: dropped in eBPF at the server's veth",
+             f'clustermesh lab exec {LAB} c2/shop/intruder -- python3 -c "..."')  # fmt: skip
+        try:
+            _in_pod(lab, "c2/shop/intruder", sys.executable, "-c", fetch)
+            output.out.print("[red]it got through: the policy is not enforced[/]")
+        except RuntimeError:
+            output.out.print("timed out: no answer, the SYN was dropped")
+    finally:
+        server.stop(grace=2)
+    node = next(n for n in lab.state.node_layouts() if n.name == lab.state.pods["c1/shop/server"]["node"])
+    _say(f"What {node.name}, the server's node, enforces", f"clustermesh policy get --socket {lab.socket(node)}")
+    output.out.print(_cli("policy", "get", "--socket", str(lab.socket(node))).rstrip(), markup=False,
+                     highlight=False)  # fmt: skip
+    for verdict, what in (("FORWARDED", "The allowed flow"), ("DROPPED", "The drop")):
+        _say(f"{what} at the server, as Hubble shows flows: both sides by their labels and clusters",
+             f"clustermesh observe --socket {lab.socket(node)} --to-label app=server --verdict {verdict} "
+             "--last 1")  # fmt: skip
+        flows = _cli("observe", "--socket", str(lab.socket(node)), "--to-label", "app=server", "--verdict", verdict,
+                     "--last", "1")  # fmt: skip
+        output.out.print(flows.rstrip(), markup=False, highlight=False)
+
+
 def main() -> None:
     require_root()
     started = time.monotonic()
@@ -107,6 +197,7 @@ def main() -> None:
             _ping(lab, "c1/pod-1-1", "c2/pod-2-2")
             _http(lab, "c1/pod-2-1", "c2/pod-1-2", Path(workdir))
             _wireguard(lab)
+            _policy(lab, Path(workdir))
     finally:
         _say(
             "Removing the lab: every process, namespace, socket and file it made", f"clustermesh lab down --name {LAB}"

@@ -87,7 +87,10 @@ struct packet {
 	__u32 saddr, daddr;
 	__u16 sport, dport; /* host order; for ICMP: dport holds type << 8 | code */
 	__u8 protocol;
+	__u8 tcp_flags;
 };
+
+#define TCP_FLAG_RST 0x04
 
 static __always_inline int parse(struct __sk_buff *skb, struct packet *pkt)
 {
@@ -103,6 +106,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *pkt)
 	pkt->daddr = ip->daddr;
 	pkt->protocol = ip->protocol;
 	pkt->sport = pkt->dport = 0;
+	pkt->tcp_flags = 0;
 	if (ip->frag_off & bpf_htons(0x1fff)) /* a later fragment: no L4 header, only addresses */
 		return 1;
 	void *l4 = (void *)ip + ip->ihl * 4;
@@ -112,6 +116,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *pkt)
 			return 1;
 		pkt->sport = bpf_ntohs(tcp->source);
 		pkt->dport = bpf_ntohs(tcp->dest);
+		pkt->tcp_flags = ((__u8 *)tcp)[13];
 	} else if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *udp = l4;
 		if ((void *)(udp + 1) > end)
@@ -163,7 +168,8 @@ static __always_inline void tell(struct __sk_buff *skb, const struct packet *pkt
 	event->ifindex = skb->ifindex;
 	event->is_reply = is_reply;
 	event->pad[0] = event->pad[1] = event->pad[2] = 0;
-	bpf_ringbuf_submit(event, 0);
+	__u64 waiting = bpf_ringbuf_query(&cm_events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(event, waiting >= EVENTS_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 /* 0: no entry; 1: allow; 2: deny */
@@ -220,6 +226,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	struct ct_value *entry = bpf_map_lookup_elem(&cm_ct, &reverse);
 	if (entry && (pkt.protocol != IPPROTO_ICMP || (pkt.dport >> 8) == 0)) {
 		entry->packets += 1;
+		if (pkt.tcp_flags & TCP_FLAG_RST) /* the connection is over: its entry goes now, not when the LRU is full */
+			bpf_map_delete_elem(&cm_ct, &reverse);
 		count(REASON_NONE, direction);
 		return TC_ACT_OK;
 	}
@@ -229,6 +237,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	entry = bpf_map_lookup_elem(&cm_ct, &forward);
 	if (entry) {
 		entry->packets += 1;
+		if (pkt.tcp_flags & TCP_FLAG_RST)
+			bpf_map_delete_elem(&cm_ct, &forward);
 		count(REASON_NONE, direction);
 		return TC_ACT_OK;
 	}

@@ -22,6 +22,10 @@
 #define REASON_POLICY_DENY 181   /* a deny rule matched */
 #define REASON_MAX 256
 
+/* The reader is woken once this much is waiting in the ring buffer; below it, it reads on its own timer, so that a
+ * burst of new flows costs it one wakeup, not one per flow. */
+#define EVENTS_WAKEUP_BYTES (64 * 1024)
+
 /* ipcache: longest-prefix match of an IPv4 address -> the identity there, and the node that hosts it. */
 struct ipcache_key {
 	__u32 prefixlen; /* 0..32 */

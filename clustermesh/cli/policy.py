@@ -80,7 +80,8 @@ def policy_get(socket: Path | None, lab: str | None, output_format: str) -> None
     if output_format == "json":
         output.print_json(found if lab else next(iter(found.values())))
         return
-    for node, document in found.items():
+    for asked, document in found.items():
+        node = document.get("node") or asked
         for endpoint in document["endpoints"]:
             enforced = [d for d in ("ingress", "egress") if endpoint["enforced"][d]]
             output.out.print(

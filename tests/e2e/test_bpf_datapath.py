@@ -197,3 +197,28 @@ def test_pins_carry_the_nodes_folder_and_go_with_it(datapath: loader.Loaded) -> 
     finally:
         again.close()
     assert Path(PIN_DIR).exists()
+
+
+RESET_CLIENT = """
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5)
+print(s.getsockname()[1], flush=True)
+s.recv(100)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()  # a reset, not a FIN
+"""
+
+
+def test_a_reset_ends_its_connections_entries(datapath: loader.Loaded) -> None:
+    """An allowed connection is tracked at both ends; the reset that ends it takes its entries with it (the LRU
+    would keep them until it is full, and make every new flow pay for an eviction)."""
+    b = ifindex(NODE, "cmbpfb")
+    datapath.endpoints.set(b, EndpointSettings(ID_B, True, False))
+    datapath.policy_map(b).write({PolicyKey(INGRESS, ID_A, 6, 8080, 16): False})
+    datapath.ct.clear()
+    result = sh("nsenter", f"--net=/run/netns/{A}", sys.executable, "-c", RESET_CLIENT, IP_B, "8080")
+    port = int(result.stdout.split()[0])
+    left = [e for e in datapath.ct.entries() if port in (e.sport, e.dport)]
+    assert left == [], f"entries of the reset connection remain: {left}"
+    assert connect(8080) == "hello 8080", "the next connection is judged and tracked anew"
+    assert any(e.dport == 8080 for e in datapath.ct.entries())

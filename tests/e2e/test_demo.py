@@ -22,5 +22,11 @@ def test_demo_shows_cross_cluster_traffic_over_wireguard_and_cleans_up() -> None
     assert out.count("\npeer: ") == 3, "c1-node-1 has one WireGuard peer per other node"
     assert "latest handshake" in out, "the ping went through a WireGuard session"
     assert out.count(": ready") == 2, "both clusters' status say ready"
+    assert "HTTP 200" in out and "timed out: no answer, the SYN was dropped" in out, out
+    assert "shop/server 10.1.1.12 identity 65793 on c1/c1-node-1: enforced ingress" in out, out
+    forwarded = [line for line in out.splitlines() if "INGRESS FORWARDED" in line and "shop/client" in line]
+    dropped = [line for line in out.splitlines() if "DROPPED Policy denied" in line]
+    assert forwarded and "(k8s:app=client, c2) -> shop/server:8080 (k8s:app=server, c1)" in forwarded[0], out
+    assert dropped and "shop/intruder" in dropped[0] and "(k8s:app=intruder, c2)" in dropped[0], out
     assert netns.list_netns("demo-") == []
     assert not Path("/run/clustermesh-lab/demo").exists()

@@ -39,9 +39,10 @@ def flow_log() -> tuple[FlowLog, CollectorRegistry]:
     return FlowLog(view, "c1/node-1", local=local.get, registry=registry), registry
 
 
-def event(verdict: int, reason: int = 0, dport: int = 8080) -> FlowEvent:
+def event(verdict: int, reason: int = 0, dport: int = 8080) -> bytes:
+    """A record as the ring buffer holds it."""
     return FlowEvent(1_000, CLIENT_ID, SERVER_ID, "10.2.1.10", "10.1.1.10", 40000, dport, 6, verdict, reason,
-                     INGRESS, 12, False)  # fmt: skip
+                     INGRESS, 12, False).encode()  # fmt: skip
 
 
 def test_a_drop_names_both_sides_and_the_reason_as_hubble_does() -> None:
