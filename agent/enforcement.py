@@ -108,6 +108,8 @@ class Counts:
     ipcache_writes: int = 0
     policy_writes: int = 0
     endpoint_writes: int = 0
+    last_update_ms: float = 0.0  # from the last policy or identity change to every map written
+    last_recompute_ms: float = 0.0  # of which recomputing and writing
 
 
 @dataclass
@@ -271,6 +273,7 @@ class Enforcer:
 
     def recompute(self) -> None:
         """Every local endpoint's maps, as the policies and identities are now; CIDR identities first."""
+        started = time.perf_counter()
         self._sync_cidrs()
         context = self._context()
         for endpoint in list(self.endpoints.values()):
@@ -278,8 +281,11 @@ class Enforcer:
                 self._apply_endpoint(endpoint, context)
             except OSError as exc:  # its veth went (a pod deleted under us): the next DEL forgets it
                 log.warning("endpoint %s (%s): maps not written: %s", endpoint.name, endpoint.ifname, exc)
+        done = time.perf_counter()
+        self.counts.last_recompute_ms = round(1000 * (done - started), 2)
         if self._changed_at is not None:
-            self.update_seconds.observe(time.perf_counter() - self._changed_at)
+            self.update_seconds.observe(done - self._changed_at)
+            self.counts.last_update_ms = round(1000 * (done - self._changed_at), 2)
             self._changed_at = None
 
     def _sync_cidrs(self) -> None:

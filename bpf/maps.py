@@ -15,6 +15,7 @@ both pass one conformance suite (`bpf.testing`). The typed maps encode and decod
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 import struct
@@ -259,8 +260,10 @@ _POLICY_KEY = struct.Struct("<IB4sB2s")
 _POLICY_VALUE = struct.Struct("<B3x")
 
 
-def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
-    """The fewest (port, prefix bits) that cover exactly first..last: a port range in an LPM key."""
+@functools.lru_cache(maxsize=4096)
+def port_prefixes(first: int, last: int) -> tuple[tuple[int, int], ...]:
+    """The fewest (port, prefix bits) that cover exactly first..last: a port range in an LPM key (policies repeat
+    their ranges for every peer identity: each is worked out once)."""
     prefixes = []
     port = first
     while port <= last:
@@ -272,7 +275,7 @@ def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
             bits -= 1
         prefixes.append((port, bits))
         port += 1 << (16 - bits)
-    return prefixes
+    return tuple(prefixes)
 
 
 class PolicyMap:

@@ -114,6 +114,10 @@ async def _serve(listeners: dict[str, tuple[socket.socket, str]]) -> None:
             print(f"bridge: {target}:{ETCD_PORT} unreachable: {exc}", flush=True)
             client_writer.close()
             return
+        for writer in (client_writer, etcd_writer):  # gRPC's small frames must not wait on Nagle's algorithm
+            connection = writer.get_extra_info("socket")
+            if connection is not None:
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await asyncio.gather(_pipe(client_reader, etcd_writer), _pipe(etcd_reader, client_writer))
         for writer in (client_writer, etcd_writer):
             writer.close()

@@ -215,21 +215,33 @@ def _resolve(allows: Wanted, denies: Wanted) -> dict[Entry, bool]:
         for protocol, ranges in by_protocol.items():
             for first, last in _merge(ranges):
                 entries[Entry(direction, identity, protocol, first, last)] = True
+    # most identities share their ports (one rule, many peers): each distinct set is worked out once
+    worked: dict[tuple[tuple[PortRange | None, ...], tuple[PortRange | None, ...]], list[tuple[int, int, int]]] = {}
     for (direction, identity), ports in allows.items():
         denied = denies.get((direction, identity), [])
         if None in denied:
             continue
-        if None in ports:  # every protocol: one short entry; longer deny entries win their ports in the trie
-            entries.setdefault(Entry(direction, identity, 0, 0, 65535), False)
-        by_protocol = defaultdict(list)
-        for port in ports:
-            if port is not None:
-                by_protocol[port.protocol].append(_ranges(port))
-        for protocol, ranges in by_protocol.items():
-            refused = [_ranges(p) for p in denied if p is not None and p.protocol == protocol]
-            for first, last in _subtract(ranges, refused):
-                entries.setdefault(Entry(direction, identity, protocol, first, last), False)
+        shape = (tuple(ports), tuple(denied))
+        if shape not in worked:
+            worked[shape] = _allowed_ranges(ports, denied)
+        for protocol, first, last in worked[shape]:
+            entries.setdefault(Entry(direction, identity, protocol, first, last), False)
     return entries
+
+
+def _allowed_ranges(ports: list[PortRange | None], denied: list[PortRange | None]) -> list[tuple[int, int, int]]:
+    """(protocol, first, last) that `ports` allow minus what `denied` refuses; protocol 0: every protocol."""
+    found = []
+    if None in ports:  # every protocol: one short entry; longer deny entries win their ports in the trie
+        found.append((0, 0, 65535))
+    by_protocol: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for port in ports:
+        if port is not None:
+            by_protocol[port.protocol].append(_ranges(port))
+    for protocol, ranges in by_protocol.items():
+        refused = [_ranges(p) for p in denied if p is not None and p.protocol == protocol]
+        found.extend((protocol, first, last) for first, last in _subtract(ranges, refused))
+    return found
 
 
 def compile_endpoint(labels: Mapping[str, str], policies: Iterable[Policy], context: PolicyContext) -> Compiled:
