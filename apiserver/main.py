@@ -32,6 +32,7 @@ from apiserver.server import Apiserver, ApiserverConfig, readyz_answer
 from clustermesh.daemon.http import HttpEndpoint, Response, metrics_route, parse_address, text_route
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
+from clustermesh.model.serviceips import ServiceIPPool
 from clustermesh.resources.opening import open_resource_store
 from clustermesh.resources.store import ResourceStore
 from kvstore import errors, etcd
@@ -72,6 +73,7 @@ class ApiserverSettings:
     lease_ttl: int = DEFAULT_TTL
     default_global_namespace: bool = True
     service_proxy_name: str = ""
+    service_cidr: str | None = None
 
 
 async def run(settings: ApiserverSettings) -> None:
@@ -112,6 +114,7 @@ async def run(settings: ApiserverSettings) -> None:
             lease_ttl=settings.lease_ttl,
             default_global_namespace=settings.default_global_namespace,
             service_proxy_name=settings.service_proxy_name,
+            service_cidr=settings.service_cidr,
         )
         apiserver = Apiserver(apiserver_config, backend, resources, registry=registry)
         phase.apiserver = apiserver
@@ -237,6 +240,9 @@ REFUSED = {
 @click.option("--k8s-service-proxy-name", default="", show_default=True,
               help="(Cilium's flag) Export only services whose service.kubernetes.io/service-proxy-name label is "
                    "this value (empty: only services without that label).")  # fmt: skip
+@click.option("--service-cluster-ip-range", "service_cidr", default=None, metavar="CIDR",
+              help="(Kubernetes' flag) Give each Service without a ClusterIP one from this CIDR, as kube-apiserver "
+                   "does (standalone store only; a Kubernetes API server does it itself).")  # fmt: skip
 @click.option("--clustermesh-enable-mcs-api", default=False, **GO_BOOL, help="(Cilium's flag) Refused if true.")
 @click.option("--clustermesh-mcs-api-install-crds", default=True, **GO_BOOL, hidden=True)
 @click.option("--enable-external-workloads", default=False, **GO_BOOL, help="(Cilium's flag) Refused if true.")
@@ -260,9 +266,13 @@ def settings_from(params: dict[str, Any]) -> ApiserverSettings:
     if params["kvstore_lease_ttl"] is not None and params["lease_ttl"] is not None:
         raise click.UsageError("give --lease-ttl or --kvstore-lease-ttl, not both")
     lease_ttl = params["kvstore_lease_ttl"] or params["lease_ttl"] or DEFAULT_TTL
+    if params["service_cidr"] is not None and params["source"] != "standalone":
+        raise click.UsageError("--service-cluster-ip-range: with --source kubernetes, the API server gives ClusterIPs")
     try:
         cluster = ClusterInfo(params["cluster_name"], params["cluster_id"], int(params["max_connected_clusters"]))
         config = _etcd_config(params)
+        if params["service_cidr"] is not None:
+            ServiceIPPool(params["service_cidr"])  # a bad CIDR is a usage error, now
     except (ModelError, errors.KVStoreError) as exc:
         raise click.UsageError(str(exc)) from None
     return ApiserverSettings(
@@ -276,6 +286,7 @@ def settings_from(params: dict[str, Any]) -> ApiserverSettings:
         lease_ttl=lease_ttl,
         default_global_namespace=params["clustermesh_default_global_namespace"],
         service_proxy_name=params["k8s_service_proxy_name"],
+        service_cidr=params["service_cidr"],
     )
 
 

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from apiserver.clusterconfig import ClusterConfigEnforcer
 from apiserver.exporting import Exporter, StateStores
+from apiserver.serviceips import ServiceIPAllocator
 from clustermesh.daemon.http import Response
 from clustermesh.daemon.tasks import run_together
 from clustermesh.model import keys
@@ -61,6 +62,8 @@ class ApiserverConfig:
     default_global_namespace: bool = True
     #: Cilium's --k8s-service-proxy-name: the services this apiserver exports carry this proxy name ("" : none).
     service_proxy_name: str = ""
+    #: where Services get their ClusterIP (None: they come with one, as from a Kubernetes API server)
+    service_cidr: str | None = None
 
 
 @dataclass
@@ -109,6 +112,10 @@ class Apiserver:
         self.informers: dict[str, Informer] = {
             name: Informer(self.resources, kind_by_name(name), self.exporter) for name in EXPORTED_KINDS
         }
+        self.service_ips: ServiceIPAllocator | None = None
+        if self.config.service_cidr is not None:
+            self.service_ips = ServiceIPAllocator(self.resources, self.config.service_cidr, registry=self.registry)
+            self.informers["ServiceIPs"] = Informer(self.resources, kind_by_name("Service"), self.service_ips)
         self.cluster_config = ClusterConfigEnforcer(self.backend, cluster, leases=self.leases)
         self.heartbeat = HeartbeatWriter(self.backend, leases=self.leases, interval=self.config.heartbeat_interval)
         self.started = time.monotonic()
@@ -156,6 +163,10 @@ class Apiserver:
             *(s.run for s in self.stores.all()),
             *(i.run for i in self.informers.values()),
         ]
+        allocator = self.service_ips
+        if allocator is not None:
+            listed = self.informers["ServiceIPs"].synced
+            jobs.append(lambda: allocator.run(listed))
         await run_together([job() for job in jobs])
 
     # --- HTTP

@@ -121,6 +121,7 @@ def start_apiserver(ctx: LabContext, index: int) -> None:
             "--kvstore-key", str(config.key_file),
             "--health-address", f"{cluster.control_plane_ip}:9880",
             "--metrics-address", f"{cluster.control_plane_ip}:9962",
+            "--service-cluster-ip-range", cluster.service_cidr,
         ],
         r"every prefix synced",
     )  # fmt: skip

@@ -140,6 +140,11 @@ class ClusterLayout:
         return f"v{self.index}cp"
 
     @property
+    def service_cidr(self) -> str:
+        """Where the cluster's Services get their ClusterIP (inside the pod supernet: pods route it to their node)."""
+        return f"10.96.{self.index}.0/24"
+
+    @property
     def etcd_url(self) -> str:
         return f"https://{self.control_plane_ip}:2379"
 

@@ -27,11 +27,13 @@ import msgspec
 from clustermesh.model import keys
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import Kind, Object
+from clustermesh.model.serviceips import keep_cluster_ip
 from clustermesh.model.validation import validate_object
 from clustermesh.resources.store import (
     AlreadyExists,
     Conflict,
     Gone,
+    Invalid,
     NotFound,
     ObjectList,
     Unavailable,
@@ -52,6 +54,15 @@ _encoder = msgspec.json.Encoder()
 
 def registry_key(kind: Kind, name: str, namespace: str | None = None) -> str:
     return keys.registry_key(kind.plural, name, (namespace or "default") if kind.namespaced else None)
+
+
+def _stored_object(value: bytes) -> dict[str, Any]:
+    """What is stored now; {} if it is not an object at all."""
+    try:
+        found = _decoder.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _stored_metadata(value: bytes) -> dict[str, Any]:
@@ -183,6 +194,11 @@ class StandaloneStore:
                     "read it again and retry"
                 )
             stored = {**obj, "metadata": dict(obj["metadata"])}
+            if kind.name == "Service":  # its ClusterIP is the server's: kept when not named, never changed
+                try:
+                    stored = keep_cluster_ip(_stored_object(current.value), stored)
+                except ModelError as exc:
+                    raise Invalid(f"{what}: {exc}") from None
             previous = _stored_metadata(current.value)
             for field in ("uid", "creationTimestamp"):
                 if field in previous:

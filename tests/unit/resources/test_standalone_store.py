@@ -55,3 +55,20 @@ async def test_a_malformed_stored_object_is_skipped_and_named_without_stopping_t
     await stream.aclose()  # type: ignore[attr-defined]
     assert (event.type, event.object["metadata"]["name"]) == ("ADDED", "good-3")
     assert "registry/ciliumnodes/garbage-2" in store.skipped
+
+
+async def test_a_service_keeps_its_cluster_ip_through_an_update_and_cannot_change_it() -> None:
+    import pytest
+
+    from clustermesh.resources.store import Invalid
+    from clustermesh.resources.writing import create_or_update
+
+    store = StandaloneStore(MemoryBackend())
+    manifest = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"ports": [{"port": 80}]}}  # fmt: skip
+    created = await store.create(manifest)
+    await store.update({**created, "spec": {"ports": [{"port": 80}], "clusterIP": "10.96.1.2"}})  # the allocator
+    _, applied = await create_or_update(store, {**manifest, "spec": {"ports": [{"port": 8080}]}})  # applied again
+    assert applied["spec"] == {"ports": [{"port": 8080}], "clusterIP": "10.96.1.2"}
+    with pytest.raises(Invalid, match=r"spec\.clusterIP: field is immutable"):
+        await create_or_update(store, {**manifest, "spec": {"ports": [{"port": 80}], "clusterIP": "10.96.1.9"}})
