@@ -11,26 +11,30 @@ from clustermesh.model import wire
 from clustermesh.model.loadbalancing import ACTIVE, TERMINATING, Backend, Frontend, plan_service
 
 
+HTTP: dict[str, Any] = {"name": "http", "port": 80, "protocol": "TCP"}
+DNS: dict[str, Any] = {"name": "dns", "port": 53, "protocol": "UDP"}
+
+
 def service(affinity: str | None = None, global_: bool = True, **spec: Any) -> dict[str, Any]:
     annotations = {"service.cilium.io/global": "true"} if global_ else {}
     if affinity is not None:
         annotations["service.cilium.io/affinity"] = affinity
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
-            "spec": {"clusterIP": "10.96.1.2", "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
-                                                          {"name": "dns", "port": 53, "protocol": "UDP"}], **spec}}  # fmt: skip
+            "spec": {"clusterIP": "10.96.1.2", "ports": [HTTP, DNS], **spec}}  # fmt: skip
 
 
 def slice_(*endpoints: tuple[str, dict[str, bool]]) -> dict[str, Any]:
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
             "metadata": {"name": "web-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "ports": [{**HTTP, "port": 8080}, {**DNS, "port": 5353}],
             "endpoints": [{"addresses": [ip], "conditions": conditions} for ip, conditions in endpoints]}  # fmt: skip
 
 
 def export(cluster: str, *ips: str, shared: bool = True, port_name: str = "http") -> wire.ClusterService:
+    port = wire.L4Addr(Protocol="TCP", Port=9090)
     return wire.ClusterService(cluster=cluster, namespace="shop", name="web", shared=shared,
-                               backends={ip: {port_name: wire.L4Addr(Protocol="TCP", Port=9090)} for ip in ips})  # fmt: skip
+                               backends={ip: {port_name: port} for ip in ips})  # fmt: skip
 
 
 READY: dict[str, bool] = {"ready": True}
