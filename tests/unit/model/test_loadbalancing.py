@@ -10,7 +10,6 @@ import pytest
 from clustermesh.model import wire
 from clustermesh.model.loadbalancing import ACTIVE, TERMINATING, Backend, Frontend, plan_service
 
-
 HTTP: dict[str, Any] = {"name": "http", "port": 80, "protocol": "TCP"}
 DNS: dict[str, Any] = {"name": "dns", "port": 53, "protocol": "UDP"}
 
