@@ -7,6 +7,8 @@
   labs); loading again finds the pins and reuses them, so an agent's restart keeps its maps;
 - `attach(ifname)` puts the two programs on a pod's host-side veth (clsact, direct action), in the caller's network
   namespace (the agent's, the node's); the veth's removal takes them away;
+- `attach_cgroup(path)` puts the socket load balancer (`sock.c`, its own object and maps, pinned in `sock/`) on a
+  cgroup v2: the node's, where its pods' processes live;
 - `remove(pin_dir)` unpins everything of a node.
 
 bpffs is not mounted at boot on these machines: `ensure_bpffs()` mounts it.
@@ -23,9 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bpf import syscall
+from bpf.lbmaps import LbBackendMap, LbCounters, LbRevNatMap, LbServiceMap
 from bpf.maps import Counters, CtMap, EndpointMap, IpcacheMap, PolicyMap
 
-__all__ = ["BPFFS", "BuildError", "LoadError", "Loaded", "build", "default_cache_dir", "ensure_bpffs", "remove"]
+__all__ = [
+    "BPFFS",
+    "BuildError",
+    "LoadError",
+    "Loaded",
+    "build",
+    "cgroup2_mount",
+    "default_cache_dir",
+    "ensure_bpffs",
+    "remove",
+    "sock_object",
+]
 
 SOURCE_DIR = Path(__file__).parent / "src"
 BPFFS = Path("/sys/fs/bpf")
@@ -53,26 +67,37 @@ def default_cache_dir() -> Path:
     return Path("/var/cache/clustermesh/bpf") if os.geteuid() == 0 else Path.home() / ".cache/clustermesh/bpf"
 
 
+PROGRAMS = ("datapath", "sock")  # each bpf/src/<name>.c is one object
+
+
 def build(cache_dir: Path | None = None) -> Path:
-    """The compiled object of the current sources (compiled now if the cache does not hold it yet)."""
+    """The compiled datapath object of the current sources, its socket load balancer (`sock_object(...)`) beside
+    it (compiled now if the cache does not hold them yet)."""
     cache_dir = cache_dir or default_cache_dir()
-    target = cache_dir / f"datapath-{source_hash()}.o"
-    if target.exists():
-        return target
+    digest = source_hash()
+    targets = {name: cache_dir / f"{name}-{digest}.o" for name in PROGRAMS}
+    if all(target.exists() for target in targets.values()):
+        return targets["datapath"]
     clang = shutil.which("clang")
     if clang is None:
         raise BuildError("clang is not installed: run `make setup` (Debian packages clang, libbpf-dev)")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".{os.getpid()}.tmp")
     multiarch = f"/usr/include/{platform.machine()}-linux-gnu"
-    command = [clang, "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I{SOURCE_DIR}", f"-I{multiarch}",
-               "-c", str(SOURCE_DIR / "datapath.c"), "-o", str(partial)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise BuildError(f"clang failed on {SOURCE_DIR / 'datapath.c'}:\n{result.stderr.strip()}")
-    partial.replace(target)
-    return target
+    for name, target in targets.items():
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        source = SOURCE_DIR / f"{name}.c"
+        command = [clang, "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I{SOURCE_DIR}", f"-I{multiarch}",
+                   "-c", str(source), "-o", str(partial)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise BuildError(f"clang failed on {source}:\n{result.stderr.strip()}")
+        partial.replace(target)
+    return targets["datapath"]
+
+
+def sock_object(datapath_object: Path) -> Path:
+    return datapath_object.with_name(datapath_object.name.replace("datapath-", "sock-", 1))
 
 
 def ensure_bpffs() -> None:
@@ -110,6 +135,12 @@ class Loaded:
             object_dir.mkdir(parents=True, exist_ok=True)
             _run(["bpftool", "prog", "loadall", str(obj), str(object_dir / "progs"), "pinmaps",
                   str(object_dir / "maps"), "type", "classifier"], f"loading {obj.name}")  # fmt: skip
+        if not (object_dir / "sock" / "progs" / "cm_sock_connect4").exists():
+            _remove_tree(object_dir / "sock")
+            (object_dir / "sock").mkdir()
+            sock = sock_object(obj)
+            _run(["bpftool", "prog", "loadall", str(sock), str(object_dir / "sock" / "progs"), "pinmaps",
+                  str(object_dir / "sock" / "maps")], f"loading {sock.name}")  # fmt: skip
         (object_dir / "policy").mkdir(exist_ok=True)
         loaded = cls(pin_dir, object_dir)
         loaded.open()
@@ -123,9 +154,15 @@ class Loaded:
         self.ct = CtMap(syscall.MapFd.pinned(str(maps / "cm_ct")))
         self.counters = Counters(syscall.MapFd.pinned(str(maps / "cm_counters")))
         self.events_path = maps / "cm_events"
+        lb = self.object_dir / "sock" / "maps"
+        self.lb_services = LbServiceMap(syscall.MapFd.pinned(str(lb / "cm_lb_services")))
+        self.lb_backends = LbBackendMap(syscall.MapFd.pinned(str(lb / "cm_lb_backends")))
+        self.lb_revnat = LbRevNatMap(syscall.MapFd.pinned(str(lb / "cm_lb_revnat")))
+        self.lb_counters = LbCounters(syscall.MapFd.pinned(str(lb / "cm_lb_counters")))
 
     def close(self) -> None:
-        for raw in (self.ipcache.raw, self.endpoints.raw, self.policy_maps, self.ct.raw, self.counters.raw):
+        for raw in (self.ipcache.raw, self.endpoints.raw, self.policy_maps, self.ct.raw, self.counters.raw,
+                    self.lb_services.raw, self.lb_backends.raw, self.lb_revnat.raw, self.lb_counters.raw):  # fmt: skip
             if isinstance(raw, syscall.MapFd):
                 raw.close()
 
@@ -165,6 +202,37 @@ class Loaded:
         result = subprocess.run([*_in_netns(netns), "tc", "filter", "show", "dev", ifname, "ingress"],
                                 capture_output=True, text=True, check=False)  # fmt: skip
         return "cm_from_pod" in result.stdout
+
+    # --- the socket load balancer on a cgroup
+
+    def attach_cgroup(self, cgroup: Path) -> None:
+        """The socket programs on a cgroup (v2): every process below it has its connections to frontends balanced.
+        Attaching again replaces them (a restarted agent, a new object)."""
+        progs = self.object_dir / "sock" / "progs"
+        for hook in SOCK_HOOKS:
+            _run(["bpftool", "cgroup", "attach", str(cgroup), hook, "pinned", str(progs / f"cm_sock_{hook}")],
+                 f"cm_sock_{hook} on {cgroup}")  # fmt: skip
+
+    def cgroup_attached(self, cgroup: Path) -> bool:
+        result = subprocess.run(["bpftool", "cgroup", "show", str(cgroup)], capture_output=True, text=True,
+                                check=False)  # fmt: skip
+        return all(f"cm_sock_{hook}" in result.stdout for hook in SOCK_HOOKS)
+
+
+SOCK_HOOKS = ("connect4", "sendmsg4", "recvmsg4", "getpeername4")
+
+
+def cgroup2_mount() -> Path:
+    """Where cgroup v2 is mounted (hybrid hosts mount it at /sys/fs/cgroup/unified); mounted at
+    /run/clustermesh/cgroupv2 when nowhere (as Cilium mounts its own at /run/cilium/cgroupv2)."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    own = Path("/run/clustermesh/cgroupv2")
+    own.mkdir(parents=True, exist_ok=True)
+    _run(["mount", "-t", "cgroup2", "none", str(own)], "mount cgroup2")
+    return own
 
 
 def _in_netns(netns: str | None) -> list[str]:

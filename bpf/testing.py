@@ -11,6 +11,7 @@ import errno
 import struct
 from collections.abc import Callable
 
+from bpf.lbmaps import TCP, UDP, LbBackend, LbBackendMap, LbFrontendKey, LbRevNatMap, LbService, LbServiceMap
 from bpf.maps import (
     EGRESS,
     INGRESS,
@@ -124,11 +125,34 @@ def check_endpoints(make: MapFactory) -> None:
     assert endpoints.remove(12) and endpoints.get(12) is None
 
 
+def check_load_balancer(make: MapFactory) -> None:
+    services = LbServiceMap(make("lb-services", 64))
+    backends = LbBackendMap(make("lb-backends", 64))
+    revnat = LbRevNatMap(make("lb-revnat", 64))
+    frontend = LbFrontendKey("10.96.1.2", 80, TCP)
+    entries = {
+        frontend: LbService(0, 2, 7),
+        frontend._replace(slot=1): LbService(11),
+        frontend._replace(slot=2): LbService(12),
+    }
+    services.write(entries)
+    backends.write({11: LbBackend("10.1.1.10", 8080, TCP, 0, 1), 12: LbBackend("10.2.1.10", 9090, TCP, 0, 2)})
+    revnat.write({7: ("10.96.1.2", 80)})
+    assert services.items() == entries and services.get(frontend) == LbService(0, 2, 7)
+    assert services.get(LbFrontendKey("10.96.1.2", 80, UDP)) is None, "the protocol is part of the frontend"
+    assert backends.get(12) == LbBackend("10.2.1.10", 9090, TCP, 0, 2)
+    assert revnat.items() == {7: ("10.96.1.2", 80)}
+    assert services.remove([frontend._replace(slot=2)]) == 1
+    services.write({frontend: LbService(0, 1, 7)})
+    assert services.get(frontend) == LbService(0, 1, 7) and len(services.items()) == 2
+
+
 CHECKS: list[Callable[[MapFactory], None]] = [
     check_raw_hash,
     check_ipcache_longest_prefix,
     check_policy_lookups,
     check_endpoints,
+    check_load_balancer,
 ]
 
 

@@ -11,7 +11,8 @@ from bpf.maps import SHAPES, RawMap
 from bpf.testing import CHECKS, MapFactory
 
 TYPES = {"endpoints": syscall.MAP_TYPE_HASH, "lpm-ipcache": syscall.MAP_TYPE_LPM_TRIE,
-         "lpm-policy": syscall.MAP_TYPE_LPM_TRIE}  # fmt: skip
+         "lpm-policy": syscall.MAP_TYPE_LPM_TRIE, "lb-services": syscall.MAP_TYPE_HASH,
+         "lb-backends": syscall.MAP_TYPE_HASH, "lb-revnat": syscall.MAP_TYPE_HASH}  # fmt: skip
 
 
 @pytest.fixture

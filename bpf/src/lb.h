@@ -1,0 +1,60 @@
+/* The load balancer's layouts (bpf/maps.py mirrors them, byte for byte), after Cilium's lb4 maps.
+ *
+ * A frontend (ClusterIP, port, protocol) is the service entry, slot 0: how many backends it has and its reverse-NAT
+ * index; slots 1..count each name one backend by id. Backends are shared by every frontend that uses them. The
+ * reverse-NAT index gives back the frontend, so that a reply is seen as coming from it. */
+#ifndef CLUSTERMESH_LB_H
+#define CLUSTERMESH_LB_H
+
+#include <linux/types.h>
+
+struct lb_key {
+	__u32 address; /* network order */
+	__u16 port;    /* network order */
+	__u8 protocol; /* IPPROTO_TCP, IPPROTO_UDP */
+	__u8 pad;
+	__u16 slot; /* 0: the service entry; 1..count: a backend */
+	__u16 pad2;
+};
+struct lb_service {
+	__u32 backend_id; /* slot > 0 */
+	__u16 count;      /* slot 0: backends for new connections (0: refuse them) */
+	__u16 rev_nat;    /* slot 0: the frontend's reverse-NAT index */
+};
+
+struct lb_backend {
+	__u32 address; /* network order */
+	__u16 port;    /* network order */
+	__u8 protocol;
+	__u8 flags;
+	__u16 cluster_id;
+	__u16 pad;
+};
+
+struct lb_revnat {
+	__u32 address; /* network order */
+	__u16 port;    /* network order */
+	__u16 pad;
+};
+
+/* A socket's translation, so that what it receives (recvmsg, getpeername) is seen as from the frontend. */
+struct lb_sk_key {
+	__u64 cookie;  /* the socket's */
+	__u32 address; /* the backend's, network order */
+	__u16 port;
+	__u16 pad;
+};
+struct lb_sk_value {
+	__u32 address; /* the frontend's */
+	__u16 port;
+	__u16 rev_nat;
+};
+
+/* cm_lb_counters: what the socket programs did. */
+#define LB_TRANSLATED 0
+#define LB_NO_BACKEND 1 /* a connection or datagram to a service with no backend: refused at once */
+#define LB_REVERSED 2
+#define LB_STALE 3 /* a socket's translation whose frontend is gone or changed */
+#define LB_COUNTERS 4
+
+#endif
