@@ -31,6 +31,7 @@ from agent.flows import FlowLog
 from agent.identities import IdentityAllocator
 from agent.mesh import Mesh
 from agent.metrics import AgentMetrics
+from agent.services import LoadBalancer
 from clustermesh.daemon.http import Request, Response, Route
 from clustermesh.model.api import ApiError, DatapathStatus, PodRequest, Problem
 from clustermesh.resources.store import Conflict, NotFound, ResourceError, Unavailable
@@ -119,6 +120,7 @@ def routes(
     enforcer: Callable[[], Enforcer | None] = lambda: None,
     flows: FlowLog | None = None,
     allocator: Callable[[], IdentityAllocator | None] = lambda: None,
+    lb: Callable[[], LoadBalancer | None] = lambda: None,
 ) -> dict[str, Route]:
     def needs_manager(handler: Callable[[Request, EndpointManager], Awaitable[Response]]) -> Route:
         """The handler, once the agent's store is there; `starting` before (the caller retries)."""
@@ -294,8 +296,18 @@ def routes(
                              "cidr_identities": dict(enforcing.cidr_identities),
                              "map_writes": dataclasses.asdict(enforcing.counts)})  # fmt: skip
 
+    async def services(request: Request) -> Response:
+        balancer = lb()
+        if balancer is None:
+            return fail(503, "no-datapath", "this agent load-balances no service here")
+        enforcing = enforcer()
+        node = enforcing.node if enforcing is not None else ""
+        writes = dataclasses.asdict(balancer.counts)
+        return respond(200, {"node": node, "frontends": balancer.describe(), "map_writes": writes})
+
     return counted({
         "/v1/flows": flow_list,
+        "/v1/services": services,
         "/v1/policy": policy,
         "POST /v1/cni/add": needs_pods(cni_add),
         "POST /v1/cni/del": needs_pods(cni_del),

@@ -43,10 +43,11 @@ from agent.metrics import DatapathCounters, PolicyProblems
 from agent.namespaces import NamespaceLabels
 from agent.publishing import NodePublisher, NodeSpec
 from agent.rendering import RemoteRenderer
+from agent.services import LoadBalancer
 from agent.view import MergedView
 from agent.wgkeys import load_or_create
 from bpf.events import RingReader, follow_records
-from bpf.loader import BuildError, Loaded, LoadError, build
+from bpf.loader import BuildError, Loaded, LoadError, build, cgroup2_mount
 from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait, run_together
 from clustermesh.model import converters
@@ -97,6 +98,7 @@ class AgentSettings:
     enable_policy: bool = True  # with a datapath: enforce network policies in eBPF
     policy_default_local_cluster: bool = True
     bpf_pin_dir: Path | None = None  # default: /sys/fs/bpf/clustermesh/<cluster>-<node>
+    cgroup_root: Path | None = None  # where this node's pods' processes live (default: the cgroup v2 mount)
 
 
 class LocalServices:
@@ -163,6 +165,8 @@ class Agent:
         self.flows: FlowLog | None = None
         self.policy_error = ""
         self.policies_synced = asyncio.Event()
+        self.lb: LoadBalancer | None = None
+        self.lb_error = ""
         if self.pods is not None and settings.enable_policy:
             self._load_datapath()
 
@@ -194,6 +198,14 @@ class Agent:
         self.registry.register(DatapathCounters(self.loaded.counters))
         self.registry.register(PolicyProblems(self.enforcer.not_enforced))
         log.info("eBPF datapath loaded: %s", self.loaded.object_dir)
+        self.lb = LoadBalancer(self.mesh.view, self.loaded, settings.cluster.name, settings.cluster.id)
+        try:
+            cgroup = settings.cgroup_root or cgroup2_mount()
+            self.loaded.attach_cgroup(cgroup)
+            log.info("socket load balancer on cgroup %s", cgroup)
+        except (LoadError, OSError) as exc:
+            self.lb_error = f"services are not load-balanced on this node: {exc}"
+            log.error("%s", self.lb_error)
 
     def _skipped_objects(self) -> dict[str, str]:
         return dict(getattr(self.store, "skipped", None) or {})
@@ -216,6 +228,12 @@ class Agent:
             "endpoints": len(self.enforcer.endpoints) if self.enforcer is not None else 0,
             "not_enforced": self.enforcer.not_enforced() if self.enforcer is not None else {},
             "map_writes": dataclasses.asdict(self.enforcer.counts) if self.enforcer is not None else {},
+        }
+        details["services"] = {
+            "load_balanced": self.lb is not None and not self.lb_error,
+            "error": self.lb_error or None,
+            "frontends": sum(len(plans) for plans in self.lb.plans.values()) if self.lb is not None else 0,
+            "map_writes": dataclasses.asdict(self.lb.counts) if self.lb is not None else {},
         }
         return DatapathStatus(
             driver=self.driver.name,
@@ -277,6 +295,8 @@ class Agent:
             ]
             if self.enforcer is not None:
                 jobs.append(self._watch_policies(store, self.enforcer))
+            if self.lb is not None:
+                jobs.append(self._watch_services(store, self.lb))
             if self.settings.config_dir is not None:
                 jobs.append(self._render_remotes(store, self.settings.config_dir))
             await run_together(jobs)
@@ -292,6 +312,19 @@ class Agent:
         try:
             await asyncio.gather(*(informer.synced.wait() for informer in informers))
             self.policies_synced.set()
+            await asyncio.gather(*tasks)
+        finally:
+            await cancel_and_wait(tasks)
+
+    async def _watch_services(self, store: ResourceStore, lb: LoadBalancer) -> None:
+        """The cluster's Services and EndpointSlices into the load balancer; it writes once both are listed."""
+        informers = [Informer(store, kind_by_name(kind), lb) for kind in ("Service", "EndpointSlice")]
+        listed = asyncio.Event()
+        tasks = [asyncio.create_task(informer.run(), name=f"lb-{informer.kind.plural}") for informer in informers]
+        tasks.append(asyncio.create_task(lb.run(listed), name="lb"))
+        try:
+            await asyncio.gather(*(informer.synced.wait() for informer in informers))
+            listed.set()
             await asyncio.gather(*tasks)
         finally:
             await cancel_and_wait(tasks)
@@ -321,6 +354,7 @@ class Agent:
                 enforcer=lambda: self.enforcer,
                 flows=self.flows,
                 allocator=lambda: self.allocator,
+                lb=lambda: self.lb,
             )
             servers.append(HttpEndpoint(unix_path=self.settings.api_socket, routes=routes))
         if self.settings.metrics_address is not None:
@@ -465,6 +499,9 @@ def _boot_id() -> str:
 @click.option("--policy-default-local-cluster", default=True, show_default=True, type=bool, is_flag=False,
               flag_value=True, help="(Cilium's flag) A policy's peer selector without the cluster label selects "
               "the local cluster only; false: any cluster.")  # fmt: skip
+@click.option("--cgroup-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="(Cilium's flag) The cgroup v2 where this node's pods' processes live: the socket load balancer "
+              "is attached there (default: the cgroup v2 mount).")  # fmt: skip
 @click.option("--bpf-pin-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where this node's eBPF programs and maps are pinned (default "
               "/sys/fs/bpf/clustermesh/<cluster>-<node>).")  # fmt: skip
@@ -508,6 +545,7 @@ def main(**params: Any) -> None:
         enable_policy=params["enable_policy"],
         policy_default_local_cluster=params["policy_default_local_cluster"],
         bpf_pin_dir=params["bpf_pin_dir"],
+        cgroup_root=params["cgroup_root"],
     )
     try:
         agent = Agent(settings)

@@ -295,6 +295,11 @@ class MergedView:
         self._count(cluster, "service", -1)
         self._merge(name, cluster)
 
+    def service_exports(self, key: str) -> dict[str, wire.ClusterService]:
+        """Every cluster's export of the service `namespace/name` (shared or not), by cluster."""
+        inputs = self._services.get(key)
+        return dict(inputs.exports) if inputs is not None else {}
+
     def set_local_service(self, namespace: str, name: str, *, affinity: str, frontends: Any | None) -> None:
         """The local cluster's Service (from its ResourceStore): its affinity, and frontends when not exported."""
         key = f"{namespace}/{name}"

@@ -4,9 +4,20 @@ One module per command group; `root` holds the group itself and what the command
 registers every command.
 """
 
-from clustermesh.cli import certs, connect, contexts, demo, etcd, lab, policy, resources, status
+from clustermesh.cli import certs, connect, contexts, demo, etcd, lab, policy, resources, services, status
 from clustermesh.cli.root import Controls, cli, main
 
 __all__ = ["Controls", "cli", "main"]
 
-_COMMANDS = (certs, connect, contexts, demo, etcd, lab, policy, resources, status)  # imported for their registrations
+_COMMANDS = (
+    certs,
+    connect,
+    contexts,
+    demo,
+    etcd,
+    lab,
+    policy,
+    resources,
+    services,
+    status,
+)  # imported for their registrations

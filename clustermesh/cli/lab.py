@@ -193,13 +193,15 @@ def lab_exec(name: str, pod: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside POD of lab NAME: `lab exec NAME c1/shop/web -- ping ...` (CLUSTER/NAMESPACE/NAME), or
     CLUSTER/POD for the pods `lab up` makes (c1/pod-1-1). A process COMMAND leaves in the background keeps running
     until the pod or the lab goes."""
-    from clustermesh.lab import netns
+    from clustermesh.lab import cgroups, netns
     from clustermesh.lab.lab import load, require_root
     from clustermesh.lab.pods import find_pod
 
     _lab_errors(require_root)
     state = _lab_errors(lambda: load(name))
     _, record = _lab_errors(lambda: find_pod(state, pod))
+    if record.get("cgroup") and Path(record["cgroup"]).is_dir():
+        cgroups.join(Path(record["cgroup"]))  # the command runs as the pod's processes do: services balanced
     os.execvp("nsenter", [*netns.nsenter(record["netns"]), *command])
 
 
@@ -254,6 +256,34 @@ def lab_pod_add(name: str, cluster: str, pod: str, namespace: str, labels: str, 
         click.echo(made["ip"])
 
 
+@lab_pod.command("ready")
+@click.argument("name")
+@click.argument("pod")
+def lab_pod_ready(name: str, pod: str) -> None:
+    """Make POD of lab NAME ready again: the Services selecting it send new connections to it."""
+    _set_ready(name, pod, True)
+
+
+@lab_pod.command("unready")
+@click.argument("name")
+@click.argument("pod")
+def lab_pod_unready(name: str, pod: str) -> None:
+    """Make POD of lab NAME not ready (as a failing readiness probe): no new connection of a Service goes to it."""
+    _set_ready(name, pod, False)
+
+
+def _set_ready(name: str, pod: str, ready: bool) -> None:
+    from clustermesh.lab.lab import Lab, require_root
+    from clustermesh.lab.pods import set_ready
+
+    def change() -> None:
+        require_root()
+        key = set_ready(Lab.existing(name, progress=output.step), pod, ready)
+        output.step(f"{key}: {'ready' if ready else 'not ready'}")
+
+    _lab_errors(change)
+
+
 @lab_pod.command("delete")
 @click.argument("name")
 @click.argument("pod")
@@ -268,6 +298,48 @@ def lab_pod_delete(name: str, pod: str) -> None:
         output.step(f"{key}: deleted")
 
     _lab_errors(delete)
+
+
+@lab_group.group("service")
+def lab_service() -> None:
+    """Services of a lab's clusters, their EndpointSlices kept from the lab's pods."""
+
+
+@lab_service.command("add")
+@click.argument("name")
+@click.argument("cluster")
+@click.argument("service")
+@click.option("--namespace", "-n", default="default", show_default=True)
+@click.option("--selector", "-l", default="", help="The pods it selects: k=v,k2=v2.")
+@click.option("--port", "ports", multiple=True, required=True,
+              help="PORT[:TARGET][/tcp|/udp], as 80 or 53/udp; repeat for more.")  # fmt: skip
+@click.option("--global", "is_global", is_flag=True, help="service.cilium.io/global: backends of every cluster.")
+@click.option("--shared", type=bool, default=True, show_default=True,
+              help="service.cilium.io/shared: false keeps this cluster's backends to itself.")  # fmt: skip
+@click.option("--affinity", type=click.Choice(["local", "remote", "none"]), default=None,
+              help="service.cilium.io/affinity.")  # fmt: skip
+@click.option("-o", "--output", "output_format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)  # fmt: skip
+def lab_service_add(name: str, cluster: str, service: str, namespace: str, selector: str, ports: tuple[str, ...],
+                    is_global: bool, shared: bool, affinity: str | None, output_format: str) -> None:  # fmt: skip
+    """Apply SERVICE to CLUSTER of lab NAME and keep its EndpointSlice filled from the lab's pods its selector
+    matches (as Kubernetes' endpoint-slice controller would); print its ClusterIP."""
+    from clustermesh.lab.lab import Lab, require_root
+    from clustermesh.lab.pods import parse_labels
+    from clustermesh.lab.services import add_service, parse_ports
+
+    def add() -> dict[str, object]:
+        require_root()
+        lab = Lab.existing(name, progress=output.step)
+        return asyncio.run(add_service(lab, _cluster_index(cluster), service, namespace, parse_labels(selector),
+                                       parse_ports(list(ports)), is_global=is_global, shared=shared,
+                                       affinity=affinity))  # fmt: skip
+
+    made = _lab_errors(add)
+    if output_format == "json":
+        output.print_json(made)
+    else:
+        click.echo(made["cluster_ip"])
 
 
 @lab_group.command("env")

@@ -11,52 +11,19 @@ import asyncio
 import contextlib
 import fnmatch
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import click
 
 from clustermesh import output
+from clustermesh.cli.agents import get_json as _get
+from clustermesh.cli.agents import lab_option, socket_option
+from clustermesh.cli.agents import sockets as _sockets
 from clustermesh.cli.root import cli
-from clustermesh.daemon import client
 from clustermesh.model.flows import compact
 
 __all__ = ["observe", "policy_group"]
-
-DEFAULT_SOCKET = "/run/clustermesh/agent.sock"
-
-
-def _sockets(socket: Path | None, lab: str | None) -> dict[str, Path]:
-    """node -> its agent's socket."""
-    if lab is not None:
-        from clustermesh.lab.lab import Lab
-        from clustermesh.lab.layout import LabError
-
-        try:
-            found = Lab.existing(lab)
-        except LabError as exc:
-            raise click.ClickException(str(exc)) from None
-        return {f"c{node.cluster}/{node.name}": found.socket(node) for node in found.state.node_layouts()}
-    chosen = socket or Path(os.environ.get("CLUSTERMESH_AGENT_SOCKET", DEFAULT_SOCKET))
-    return {str(chosen): chosen}
-
-
-async def _get(socket: Path, path: str, timeout: float = 30.0) -> Any:
-    try:
-        answer = await client.request(socket, "GET", path, timeout=timeout)
-    except (client.SocketUnreachable, client.BadAnswer) as exc:
-        raise click.ClickException(f"{exc}: is clustermesh-agent running there?") from None
-    document = answer.json()
-    if answer.status != 200:
-        raise click.ClickException(f"{socket}: {document.get('error') if isinstance(document, dict) else document}")
-    return document
-
-
-socket_option = click.option("--socket", "socket", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                             help="The agent's unix socket (default: $CLUSTERMESH_AGENT_SOCKET or "
-                                  f"{DEFAULT_SOCKET}).")  # fmt: skip
-lab_option = click.option("--lab", "lab", default=None, help="Every node of this lab instead of one socket.")
 
 
 @cli.group("policy")

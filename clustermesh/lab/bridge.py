@@ -23,11 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+from clustermesh.contexts import Context, ContextFile
 from clustermesh.lab import netns
 from clustermesh.lab.layout import LabError
-from clustermesh.lab.state import LabState, load
+from clustermesh.lab.state import LabContext, LabState, load
 
-__all__ = ["Bridge", "ensure_bridge", "running_bridge", "stop_bridge"]
+__all__ = ["Bridge", "ensure_bridge", "host_contexts", "running_bridge", "stop_bridge"]
 
 ETCD_PORT = 2379
 MARK = "clustermesh.lab.bridge"
@@ -83,6 +84,20 @@ def ensure_bridge(state: LabState, state_dir: Path, timeout: float = 10.0) -> Br
             raise LabError(f"the loopback bridge of lab {state.name} did not start: {tail or 'no log'}")
         time.sleep(0.05)  # another process binding its ports: bridge.json appearing is all there is to wait on
     return found
+
+
+def host_contexts(ctx: LabContext) -> Path:
+    """A contexts file for the host's shell, a context per cluster (c1, c2, ...) as root of its etcd, reached
+    through the lab's loopback bridge (started if it is not running): never a lab address from the host."""
+    running = ensure_bridge(ctx.state, ctx.state_dir)
+    contexts = ContextFile(ctx.state_dir / "host-contexts.yaml")
+    for cluster in ctx.layout.all_clusters():
+        config = ctx.config(cluster.index, "root")
+        contexts.add(Context(cluster.name, [f"https://127.0.0.1:{running.ports[cluster.name]}"],
+                             str(config.ca_file), str(config.cert_file), str(config.key_file)))  # fmt: skip
+    contexts.current = ctx.layout.cluster(1).name
+    contexts.save()
+    return contexts.path
 
 
 def stop_bridge(state_dir: Path, lab: str) -> bool:

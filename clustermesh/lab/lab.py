@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf import loader as bpf_loader
-from clustermesh.contexts import Context, ContextFile
-from clustermesh.lab import bridge, controlplane, netns, nodes, underlay
+from clustermesh.lab import bridge, cgroups, controlplane, netns, nodes, underlay
 from clustermesh.lab.layout import MAX_NODES, LabError, LabLayout, NodeLayout
 from clustermesh.lab.pods import CNIFailed, add_pod, run_cni
 from clustermesh.lab.state import BIN, LabContext, LabExists, LabState, Progress, load, require_root
@@ -145,6 +144,7 @@ class Lab(LabContext):
         self.state.save(self.state_dir)
         shutil.rmtree(self.node_dir(node), ignore_errors=True)
         bpf_loader.remove(self.layout.bpf_dir / node.name)
+        cgroups.remove_tree(cgroups.node_cgroup(self.layout.name, node.name))
         netns.enter(self.layout.world_netns)
         try:
             asyncio.run(
@@ -185,18 +185,9 @@ class Lab(LabContext):
     # --- the host's shell
 
     def env(self) -> Path:
-        """A contexts file for the host's shell, a context per cluster (c1, c2, ...) as root of its etcd, reached
-        through the lab's loopback bridge (started if it is not running): never a lab address from the host."""
+        """A contexts file for the host's shell, through the lab's loopback bridge (`bridge.host_contexts`)."""
         require_root()
-        running = bridge.ensure_bridge(self.state, self.state_dir)
-        contexts = ContextFile(self.state_dir / "host-contexts.yaml")
-        for cluster in self.layout.all_clusters():
-            config = self.config(cluster.index, "root")
-            contexts.add(Context(cluster.name, [f"https://127.0.0.1:{running.ports[cluster.name]}"],
-                                 str(config.ca_file), str(config.cert_file), str(config.key_file)))  # fmt: skip
-        contexts.current = self.layout.cluster(1).name
-        contexts.save()
-        return contexts.path
+        return bridge.host_contexts(self)
 
     # --- readiness
 
@@ -259,6 +250,8 @@ def down(name: str, *, progress: Progress = print, keep_logs: Path | None = None
         removed.append(f"{len(sockets)} WireGuard sockets")
     if bpf_loader.remove(layout.bpf_dir):
         removed.append(f"eBPF pins {layout.bpf_dir}")
+    if cgroups.remove_tree(cgroups.lab_cgroup(name)):
+        removed.append(f"cgroups {cgroups.lab_cgroup(name)}")
     if layout.state_dir.exists():
         shutil.rmtree(layout.state_dir, ignore_errors=True)
         removed.append(str(layout.state_dir))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import certs
-from clustermesh.lab import netns
+from clustermesh.lab import cgroups, netns
 from clustermesh.lab.layout import POD_SUPERNET, WIREGUARD_PORT, NodeLayout
 from clustermesh.lab.state import BIN, LabContext
 from clustermesh.lab.underlay import attach
@@ -50,7 +50,9 @@ def start_agent(ctx: LabContext, node: NodeLayout) -> None:
             "--api-socket", str(ctx.socket(node)), "--datapath", ctx.layout.routing,
             "--wireguard-interface", node.wireguard_interface, "--wireguard-port", str(WIREGUARD_PORT),
             "--pod-supernet", POD_SUPERNET, "--identity-gc-grace", "60", *ipsec,
-            "--bpf-pin-dir", str(ctx.layout.bpf_dir / node.name), *ctx.state.agent_args,
+            "--bpf-pin-dir", str(ctx.layout.bpf_dir / node.name),
+            "--cgroup-root", str(cgroups.make(cgroups.node_cgroup(ctx.layout.name, node.name))),
+            *ctx.state.agent_args,
         ],
         r"listening on ",
     )  # fmt: skip

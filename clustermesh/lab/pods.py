@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
-from clustermesh.lab import netns
+from clustermesh.lab import cgroups, netns
 from clustermesh.lab.layout import LabError, NodeLayout
+from clustermesh.lab.services import sync_slices
 from clustermesh.lab.state import BIN, LabContext, LabState
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "parse_labels",
     "pod_key",
     "run_cni",
+    "set_ready",
 ]
 
 CNI_TRY_AGAIN = 11  # the CNI spec's "try again later" (the agent is starting)
@@ -81,6 +85,7 @@ def add_pod(ctx: LabContext, node: NodeLayout, pod: str, *, patience: float = 30
     there yet) is asked again, as a kubelet retries a sandbox, for up to `patience` seconds."""
     pod_netns = f"{ctx.layout.name}-c{node.cluster}-{pod}"
     netns.ip("netns", "add", pod_netns)
+    cgroup = cgroups.make(cgroups.pod_cgroup(ctx.layout.name, node.name, pod_netns))
     deadline = time.monotonic() + patience
     while True:
         try:
@@ -91,7 +96,7 @@ def add_pod(ctx: LabContext, node: NodeLayout, pod: str, *, patience: float = 30
                 raise
             time.sleep(0.2)  # another process getting ready: its answers are all there is to wait on
     ip = result["ips"][0]["address"].split("/")[0]
-    ctx.state.pods[f"c{node.cluster}/{pod}"] = {"netns": pod_netns, "ip": ip, "node": node.name}
+    ctx.state.pods[f"c{node.cluster}/{pod}"] = {"netns": pod_netns, "ip": ip, "node": node.name, "cgroup": str(cgroup)}
     ctx.progress(f"c{node.cluster}/{pod}: {ip} on {node.name} (identity {result.get('identity')})")
 
 
@@ -158,17 +163,36 @@ def add_named_pod(
         raise LabError(f"pod {key} exists already in lab {ctx.layout.name}")
     pod_netns = f"{ctx.layout.name}-c{cluster}-{namespace}.{name}"
     netns.ip("netns", "add", pod_netns)
+    cgroup = cgroups.make(cgroups.pod_cgroup(ctx.layout.name, node.name, pod_netns))
     try:
         result = run_cni(ctx, node, "ADD", name, labels=labels, namespace=namespace, pod_netns=pod_netns)
     except BaseException:
         netns.ip("netns", "del", pod_netns, check=False)
+        cgroups.remove_tree(cgroup)
         raise
     ip = result["ips"][0]["address"].split("/")[0]
     ctx.state.pods[key] = {"netns": pod_netns, "ip": ip, "node": node.name, "namespace": namespace, "name": name,
-                           "labels": labels}  # fmt: skip
+                           "labels": labels, "cgroup": str(cgroup)}  # fmt: skip
     ctx.state.save(ctx.state_dir)
+    _resync_services(ctx, cluster)
     return {"name": name, "namespace": namespace, "cluster": f"c{cluster}", "node": node.name, "ip": ip,
             "identity": result.get("identity")}  # fmt: skip
+
+
+def _resync_services(ctx: LabContext, cluster: int) -> None:
+    """The EndpointSlices of the lab's Services in the cluster, after its pods changed."""
+    if any(key.startswith(f"c{cluster}/") for key in ctx.state.services):
+        asyncio.run(sync_slices(ctx, cluster))
+
+
+def set_ready(ctx: LabContext, reference: str, ready: bool) -> str:
+    """A pod made ready or not, as its readiness probe would: the EndpointSlices of the Services selecting it say
+    so (no new connection goes to a pod that is not ready)."""
+    key, record = find_pod(ctx.state, reference)
+    record["ready"] = ready
+    ctx.state.save(ctx.state_dir)
+    _resync_services(ctx, int(key.split("/")[0][1:]))
+    return key
 
 
 def delete_pod(ctx: LabContext, reference: str) -> str:
@@ -180,7 +204,10 @@ def delete_pod(ctx: LabContext, reference: str) -> str:
         name = record.get("name") or key.rsplit("/", 1)[1]
         run_cni(ctx, node, "DEL", name, namespace=record.get("namespace", "default"), pod_netns=record["netns"])
     netns.stop_processes(netns.processes_in([record["netns"]]))
+    if record.get("cgroup"):
+        cgroups.remove_tree(Path(record["cgroup"]))
     netns.ip("netns", "del", record["netns"], check=False)
     del ctx.state.pods[key]
     ctx.state.save(ctx.state_dir)
+    _resync_services(ctx, int(key.split("/")[0][1:]))
     return key

@@ -48,6 +48,8 @@ class LabState:
     #: "labels"]}
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     agent_args: list[str] = field(default_factory=list)  # more flags for every agent (`lab up --agent-arg`)
+    #: "c1/NS/NAME" -> {"selector", "ports"}: the Services `lab service add` made, whose EndpointSlices it keeps
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def layout(self) -> LabLayout:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from clustermesh.lab import netns
+from clustermesh.lab import cgroups, netns
 from clustermesh.lab.lab import LabState, load
 from clustermesh.lab.layout import BPF_ROOT, STATE_ROOT, WIREGUARD_PORT, NodeLayout
 
@@ -171,6 +171,9 @@ class LabHandle:
             found.append(f"eBPF pins {BPF_ROOT / self.name}")
         found += [f"host interface {i}" for i in host_interfaces() if is_wireguard_name(self.name, i)]
         found += [f"loopback bridge (pid {pid})" for pid in bridge_processes(self.name)]
+        cgroup = cgroups.lab_cgroup(self.name)
+        if cgroup.exists():
+            found.append(f"cgroup {cgroup}")
         return found
 
 
