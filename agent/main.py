@@ -34,6 +34,7 @@ from agent.datapath.ipsec import IpsecDriver
 from agent.datapath.netlink import DatapathError
 from agent.datapath.pods import PodNetwork
 from agent.datapath.routing import Driver, Router
+from agent.dns import DnsServer
 from agent.endpoints import EndpointKeeper, EndpointManager
 from agent.enforcement import POLICY_KINDS, Enforcer
 from agent.flows import FlowLog
@@ -99,6 +100,7 @@ class AgentSettings:
     policy_default_local_cluster: bool = True
     bpf_pin_dir: Path | None = None  # default: /sys/fs/bpf/clustermesh/<cluster>-<node>
     cgroup_root: Path | None = None  # where this node's pods' processes live (default: the cgroup v2 mount)
+    dns: bool = True  # answer DNS for the node's pods on its router address
 
 
 class LocalServices:
@@ -167,6 +169,7 @@ class Agent:
         self.policies_synced = asyncio.Event()
         self.lb: LoadBalancer | None = None
         self.lb_error = ""
+        self.dns: DnsServer | None = None
         if self.pods is not None and settings.enable_policy:
             self._load_datapath()
 
@@ -371,6 +374,14 @@ class Agent:
                 log.error("cannot prepare this node for pods: %s", exc)
         if self.router is not None:
             jobs.append(self.router.run())
+        if self.lb is not None and self.pods is not None and self.settings.dns:
+            self.dns = DnsServer(self.pods.router_ip, self.lb.resolve, registry=self.registry)
+            try:
+                await self.dns.start()
+            except OSError as exc:
+                self.lb_error = f"no DNS for this node's pods on {self.pods.router_ip}:53: {exc}"
+                log.error("%s", self.lb_error)
+                self.dns = None
         if self.enforcer is not None and self.loaded is not None and self.flows is not None:
             jobs.append(self.enforcer.run())
             jobs.append(self._follow_flows(self.loaded, self.flows))
@@ -379,6 +390,8 @@ class Agent:
         finally:
             for server in servers:
                 await server.stop()
+            if self.dns is not None:
+                await self.dns.stop()
 
     @staticmethod
     async def _follow_flows(loaded: Loaded, flows: FlowLog) -> None:
@@ -499,6 +512,9 @@ def _boot_id() -> str:
 @click.option("--policy-default-local-cluster", default=True, show_default=True, type=bool, is_flag=False,
               flag_value=True, help="(Cilium's flag) A policy's peer selector without the cluster label selects "
               "the local cluster only; false: any cluster.")  # fmt: skip
+@click.option("--dns/--no-dns", default=True, show_default=True,
+              help="With a datapath: answer <svc>.<ns>.svc.cluster.local (and clusterset.local) for the node's pods "
+              "on its router address, port 53.")  # fmt: skip
 @click.option("--cgroup-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="(Cilium's flag) The cgroup v2 where this node's pods' processes live: the socket load balancer "
               "is attached there (default: the cgroup v2 mount).")  # fmt: skip
@@ -546,6 +562,7 @@ def main(**params: Any) -> None:
         policy_default_local_cluster=params["policy_default_local_cluster"],
         bpf_pin_dir=params["bpf_pin_dir"],
         cgroup_root=params["cgroup_root"],
+        dns=params["dns"],
     )
     try:
         agent = Agent(settings)

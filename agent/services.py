@@ -240,6 +240,14 @@ class LoadBalancer:
         while True:
             self.on_changes(await subscription.drain())  # type: ignore[attr-defined]
 
+    def resolve(self, namespace: str, name: str, clusterset: bool) -> str | None:
+        """A Service's ClusterIP for DNS: every local Service (cluster.local), a global one (clusterset.local)."""
+        service = self.services.get(f"{namespace}/{name}")
+        if service is None or (clusterset and not converters.is_global_service(service)):
+            return None
+        ip = ((service.get("spec") or {}).get("clusterIP") or "").lower()
+        return ip if ip and ip != "none" else None
+
     # --- what `clustermesh service list` shows
 
     def describe(self) -> list[dict[str, object]]:

@@ -176,7 +176,7 @@ class LbRevNatMap(_TypedMap[int, tuple[str, int]]):
 class LbCounters:
     """cm_lb_counters, summed over the CPUs: translated, no_backend, reversed, stale."""
 
-    NAMES = ("translated", "no_backend", "reversed", "stale")
+    NAMES = ("translated", "no_backend", "reversed", "stale", "packet_nat")
 
     def __init__(self, raw: RawMap) -> None:
         self.raw = raw

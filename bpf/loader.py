@@ -127,20 +127,20 @@ class Loaded:
     def load(cls, obj: Path, pin_dir: Path) -> Loaded:
         ensure_bpffs()
         object_dir = pin_dir / obj.stem.removeprefix("datapath-")
-        if not (object_dir / "progs" / "cm_from_pod").exists():
+        if not (object_dir / "progs" / "cm_from_pod").exists() or not (object_dir / "sock" / "progs").exists():
             for old in pin_dir.iterdir() if pin_dir.exists() else []:  # an older object's pins: unused from now
                 if old.is_dir() and old != object_dir:
                     _remove_tree(old)
             _remove_tree(object_dir)
-            object_dir.mkdir(parents=True, exist_ok=True)
-            _run(["bpftool", "prog", "loadall", str(obj), str(object_dir / "progs"), "pinmaps",
-                  str(object_dir / "maps"), "type", "classifier"], f"loading {obj.name}")  # fmt: skip
-        if not (object_dir / "sock" / "progs" / "cm_sock_connect4").exists():
-            _remove_tree(object_dir / "sock")
-            (object_dir / "sock").mkdir()
+            (object_dir / "sock").mkdir(parents=True)
+            # the socket programs first: their load balancer maps are pinned, and the datapath reuses them
             sock = sock_object(obj)
+            lb_maps = object_dir / "sock" / "maps"
             _run(["bpftool", "prog", "loadall", str(sock), str(object_dir / "sock" / "progs"), "pinmaps",
-                  str(object_dir / "sock" / "maps")], f"loading {sock.name}")  # fmt: skip
+                  str(lb_maps)], f"loading {sock.name}")  # fmt: skip
+            reuse = [arg for name in LB_MAPS for arg in ("map", "name", name, "pinned", str(lb_maps / name))]
+            _run(["bpftool", "prog", "loadall", str(obj), str(object_dir / "progs"), "type", "classifier", *reuse,
+                  "pinmaps", str(object_dir / "maps")], f"loading {obj.name}")  # fmt: skip
         (object_dir / "policy").mkdir(exist_ok=True)
         loaded = cls(pin_dir, object_dir)
         loaded.open()
@@ -220,6 +220,8 @@ class Loaded:
 
 
 SOCK_HOOKS = ("connect4", "sendmsg4", "recvmsg4", "getpeername4")
+#: the maps both objects use (lb_maps.h): the socket object's pins, reused by the datapath's
+LB_MAPS = ("cm_lb_services", "cm_lb_backends", "cm_lb_revnat", "cm_lb_reverse_sk", "cm_lb_counters", "cm_lb_flows")
 
 
 def cgroup2_mount() -> Path:

@@ -17,10 +17,12 @@
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <stddef.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #include "datapath.h"
+#include "lb_maps.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -88,6 +90,8 @@ struct packet {
 	__u16 sport, dport; /* host order; for ICMP: dport holds type << 8 | code */
 	__u8 protocol;
 	__u8 tcp_flags;
+	__u8 fragment;
+	__u16 l4_off; /* from the start of the frame */
 };
 
 #define TCP_FLAG_RST 0x04
@@ -107,6 +111,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *pkt)
 	pkt->protocol = ip->protocol;
 	pkt->sport = pkt->dport = 0;
 	pkt->tcp_flags = 0;
+	pkt->l4_off = sizeof(*eth) + ip->ihl * 4;
+	pkt->fragment = (ip->frag_off & bpf_htons(0x3fff)) != 0;
 	if (ip->frag_off & bpf_htons(0x1fff)) /* a later fragment: no L4 header, only addresses */
 		return 1;
 	void *l4 = (void *)ip + ip->ihl * 4;
@@ -259,14 +265,114 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	return TC_ACT_OK;
 }
 
+/* --- the per-packet load balancer: flows to a frontend that no socket program translated */
+
+#define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+
+static __always_inline void lb_count(__u32 what)
+{
+	__u64 *counter = bpf_map_lookup_elem(&cm_lb_counters, &what);
+	if (counter)
+		*counter += 1;
+}
+
+/* Rewrite the destination (or the source) address and port, and both checksums. 0 on success. */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct packet *pkt, int destination, __u32 old_addr,
+				   __u32 new_addr, __u16 old_port, __u16 new_port)
+{
+	__u32 l4 = pkt->l4_off;
+	if (l4 > 256)
+		return -1;
+	__u32 csum = l4 + (pkt->protocol == IPPROTO_TCP ? 16 : 6);
+	__u64 mangled = pkt->protocol == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	if (bpf_l4_csum_replace(skb, csum, old_addr, new_addr, mangled | BPF_F_PSEUDO_HDR | 4) ||
+	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4) ||
+	    bpf_skb_store_bytes(skb, destination ? IP_DST_OFF : IP_SRC_OFF, &new_addr, 4, 0))
+		return -1;
+	if (old_port != new_port &&
+	    (bpf_l4_csum_replace(skb, csum, old_port, new_port, mangled | 2) ||
+	     bpf_skb_store_bytes(skb, l4 + (destination ? 2 : 0), &new_port, 2, 0)))
+		return -1;
+	return 0;
+}
+
+/* A packet the pod sends to a frontend: to a backend instead (the flow keeps the one it got). 0: not a frontend or
+ * translated; -1: a frontend with no backend for a new flow (dropped: only the socket path can refuse at once). */
+static __always_inline int lb_forward(struct __sk_buff *skb)
+{
+	struct packet pkt;
+	if (!parse(skb, &pkt) || pkt.fragment || (pkt.protocol != IPPROTO_TCP && pkt.protocol != IPPROTO_UDP))
+		return 0;
+	struct lb_key key = {.address = pkt.daddr, .port = bpf_htons(pkt.dport), .protocol = pkt.protocol};
+	struct lb_service *service = bpf_map_lookup_elem(&cm_lb_services, &key);
+	if (!service)
+		return 0;
+	struct lb_flow_key flow = {.client = pkt.saddr, .peer = pkt.daddr, .client_port = bpf_htons(pkt.sport),
+				   .peer_port = bpf_htons(pkt.dport), .protocol = pkt.protocol};
+	struct lb_flow_value *known = bpf_map_lookup_elem(&cm_lb_flows, &flow);
+	struct lb_flow_value chosen;
+	if (known) {
+		chosen = *known;
+	} else {
+		if (service->count == 0) {
+			lb_count(LB_NO_BACKEND);
+			return -1;
+		}
+		__u16 rev_nat = service->rev_nat;
+		key.slot = (bpf_get_prandom_u32() % service->count) + 1;
+		struct lb_service *slot = bpf_map_lookup_elem(&cm_lb_services, &key);
+		if (!slot)
+			return -1;
+		__u32 backend_id = slot->backend_id;
+		struct lb_backend *backend = bpf_map_lookup_elem(&cm_lb_backends, &backend_id);
+		if (!backend)
+			return -1;
+		chosen.address = backend->address;
+		chosen.port = backend->port;
+		chosen.rev_nat = rev_nat;
+		bpf_map_update_elem(&cm_lb_flows, &flow, &chosen, BPF_ANY);
+		struct lb_flow_key back = {.client = pkt.saddr, .peer = chosen.address, .client_port = flow.client_port,
+					   .peer_port = chosen.port, .protocol = pkt.protocol, .reverse = 1};
+		struct lb_flow_value frontend = {.address = pkt.daddr, .port = flow.peer_port, .rev_nat = rev_nat};
+		bpf_map_update_elem(&cm_lb_flows, &back, &frontend, BPF_ANY);
+		lb_count(LB_PACKET_NAT);
+	}
+	return rewrite(skb, &pkt, 1, pkt.daddr, chosen.address, flow.peer_port, chosen.port) ? -1 : 0;
+}
+
+/* A reply the pod receives from a backend it reached through a frontend: seen as from the frontend. */
+static __always_inline void lb_reverse(struct __sk_buff *skb)
+{
+	struct packet pkt;
+	if (!parse(skb, &pkt) || pkt.fragment || (pkt.protocol != IPPROTO_TCP && pkt.protocol != IPPROTO_UDP))
+		return;
+	struct lb_flow_key back = {.client = pkt.daddr, .peer = pkt.saddr, .client_port = bpf_htons(pkt.dport),
+				   .peer_port = bpf_htons(pkt.sport), .protocol = pkt.protocol, .reverse = 1};
+	struct lb_flow_value *frontend = bpf_map_lookup_elem(&cm_lb_flows, &back);
+	if (!frontend)
+		return;
+	__u32 address = frontend->address;
+	__u16 port = frontend->port;
+	rewrite(skb, &pkt, 0, pkt.saddr, address, back.peer_port, port);
+}
+
 SEC("tc")
 int cm_from_pod(struct __sk_buff *skb)
 {
+	if (lb_forward(skb) < 0) {
+		count(REASON_NO_SERVICE, DIR_EGRESS);
+		return TC_ACT_SHOT;
+	}
 	return handle(skb, DIR_EGRESS);
 }
 
 SEC("tc")
 int cm_to_pod(struct __sk_buff *skb)
 {
-	return handle(skb, DIR_INGRESS);
+	int verdict = handle(skb, DIR_INGRESS);
+	if (verdict == TC_ACT_OK)
+		lb_reverse(skb);
+	return verdict;
 }

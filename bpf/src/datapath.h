@@ -20,6 +20,7 @@
 #define REASON_NONE 0
 #define REASON_POLICY_DENIED 133 /* no rule allows it, and a policy selects the endpoint */
 #define REASON_POLICY_DENY 181   /* a deny rule matched */
+#define REASON_NO_SERVICE 158    /* a frontend with no backend (Cilium's DROP_NO_SERVICE) */
 #define REASON_MAX 256
 
 /* The reader is woken once this much is waiting in the ring buffer; below it, it reads on its own timer, so that a

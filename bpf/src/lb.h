@@ -50,11 +50,30 @@ struct lb_sk_value {
 	__u16 rev_nat;
 };
 
+/* The per-packet path: a flow to a frontend that no socket program translated (a process outside the node's
+ * cgroup, a raw socket), NATed at the pod's veth. Forward: (client, frontend) -> the backend it got; reverse:
+ * (client, backend) -> the frontend, to give replies back their source. */
+struct lb_flow_key {
+	__u32 client;      /* network order */
+	__u32 peer;        /* forward: the frontend; reverse: the backend */
+	__u16 client_port; /* network order */
+	__u16 peer_port;
+	__u8 protocol;
+	__u8 reverse;
+	__u16 pad;
+};
+struct lb_flow_value {
+	__u32 address; /* forward: the backend; reverse: the frontend */
+	__u16 port;
+	__u16 rev_nat;
+};
+
 /* cm_lb_counters: what the socket programs did. */
 #define LB_TRANSLATED 0
 #define LB_NO_BACKEND 1 /* a connection or datagram to a service with no backend: refused at once */
 #define LB_REVERSED 2
 #define LB_STALE 3 /* a socket's translation whose frontend is gone or changed */
-#define LB_COUNTERS 4
+#define LB_PACKET_NAT 4 /* a flow translated per packet, at the pod's veth */
+#define LB_COUNTERS 5
 
 #endif

@@ -16,48 +16,11 @@
 #include <bpf/bpf_helpers.h>
 
 #include "lb.h"
+#include "lb_maps.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define EHOSTUNREACH 113
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 18);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lb_key);
-	__type(value, struct lb_service);
-} cm_lb_services SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 16);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32);
-	__type(value, struct lb_backend);
-} cm_lb_backends SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 16);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u16);
-	__type(value, struct lb_revnat);
-} cm_lb_revnat SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1 << 17);
-	__type(key, struct lb_sk_key);
-	__type(value, struct lb_sk_value);
-} cm_lb_reverse_sk SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, LB_COUNTERS);
-	__type(key, __u32);
-	__type(value, __u64);
-} cm_lb_counters SEC(".maps");
 
 static __always_inline void count(__u32 what)
 {

@@ -193,16 +193,17 @@ def lab_exec(name: str, pod: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside POD of lab NAME: `lab exec NAME c1/shop/web -- ping ...` (CLUSTER/NAMESPACE/NAME), or
     CLUSTER/POD for the pods `lab up` makes (c1/pod-1-1). A process COMMAND leaves in the background keeps running
     until the pod or the lab goes."""
-    from clustermesh.lab import cgroups, netns
+    from clustermesh.lab import cgroups
     from clustermesh.lab.lab import load, require_root
-    from clustermesh.lab.pods import find_pod
+    from clustermesh.lab.pods import find_pod, pod_command
 
     _lab_errors(require_root)
     state = _lab_errors(lambda: load(name))
     _, record = _lab_errors(lambda: find_pod(state, pod))
     if record.get("cgroup") and Path(record["cgroup"]).is_dir():
         cgroups.join(Path(record["cgroup"]))  # the command runs as the pod's processes do: services balanced
-    os.execvp("nsenter", [*netns.nsenter(record["netns"]), *command])
+    argv = pod_command(record, list(command))
+    os.execvp(argv[0], argv)
 
 
 @lab_group.group("pod")

@@ -24,7 +24,9 @@ __all__ = [
     "delete_pod",
     "find_pod",
     "parse_labels",
+    "pod_command",
     "pod_key",
+    "resolv_conf",
     "run_cni",
     "set_ready",
 ]
@@ -80,6 +82,26 @@ def run_cni(
     return output
 
 
+def resolv_conf(ctx: LabContext, node: NodeLayout, pod_netns: str, namespace: str) -> Path:
+    """The pod's resolver: its node's DNS (on the node's router address), searching its namespace's Services."""
+    path = ctx.state_dir / "pods" / f"{pod_netns}.resolv.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"nameserver {node.router_ip}\nsearch {namespace}.svc.cluster.local svc.cluster.local "
+                    "cluster.local\noptions ndots:5 timeout:1 attempts:2\n")  # fmt: skip
+    return path
+
+
+def pod_command(record: dict[str, Any], command: list[str]) -> list[str]:
+    """How to run `command` as one of the pod's processes: in its network namespace, with its resolver (a mount
+    namespace of its own, /etc/resolv.conf bound over); the caller joins the pod's cgroup first."""
+    enter = netns.nsenter(record["netns"])
+    resolv = record.get("resolv")
+    if not resolv or not Path(resolv).exists() or not Path("/etc/resolv.conf").exists():
+        return [*enter, *command]
+    script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+    return [*enter, "unshare", "--mount", "--propagation", "private", "sh", "-c", script, resolv, *command]
+
+
 def add_pod(ctx: LabContext, node: NodeLayout, pod: str, *, patience: float = 30.0) -> None:
     """Make the pod's namespace and ADD it through the CNI plugin; an agent still starting (its store not
     there yet) is asked again, as a kubelet retries a sandbox, for up to `patience` seconds."""
@@ -96,7 +118,9 @@ def add_pod(ctx: LabContext, node: NodeLayout, pod: str, *, patience: float = 30
                 raise
             time.sleep(0.2)  # another process getting ready: its answers are all there is to wait on
     ip = result["ips"][0]["address"].split("/")[0]
-    ctx.state.pods[f"c{node.cluster}/{pod}"] = {"netns": pod_netns, "ip": ip, "node": node.name, "cgroup": str(cgroup)}
+    resolv = resolv_conf(ctx, node, pod_netns, "default")
+    ctx.state.pods[f"c{node.cluster}/{pod}"] = {"netns": pod_netns, "ip": ip, "node": node.name,
+                                                "cgroup": str(cgroup), "resolv": str(resolv)}  # fmt: skip
     ctx.progress(f"c{node.cluster}/{pod}: {ip} on {node.name} (identity {result.get('identity')})")
 
 
@@ -172,7 +196,8 @@ def add_named_pod(
         raise
     ip = result["ips"][0]["address"].split("/")[0]
     ctx.state.pods[key] = {"netns": pod_netns, "ip": ip, "node": node.name, "namespace": namespace, "name": name,
-                           "labels": labels, "cgroup": str(cgroup)}  # fmt: skip
+                           "labels": labels, "cgroup": str(cgroup),
+                           "resolv": str(resolv_conf(ctx, node, pod_netns, namespace))}  # fmt: skip
     ctx.state.save(ctx.state_dir)
     _resync_services(ctx, cluster)
     return {"name": name, "namespace": namespace, "cluster": f"c{cluster}", "node": node.name, "ip": ip,

@@ -177,7 +177,9 @@ def _read(path: str) -> str:
 
 # --- the host's namespace sends nothing to the lab
 
-LAB_RANGES = "10.0.0.0/8, 192.168.0.0/16"
+#: the labs' addresses: pods (10.<cluster>.<node>.0/24, cluster and node 1-9), Services (10.96.<cluster>.0/24),
+#: the underlay; not all of 10.0.0.0/8, where the host's own resolver may be (10.255.255.53 on these machines)
+LAB_RANGES = "10.0.0.0/12, 10.96.0.0/16, 192.168.0.0/16"
 
 
 class HostGuard:
