@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 from clustermesh import output
-from clustermesh.lab import netns
+from clustermesh.lab import cgroups, netns
 from clustermesh.lab.lab import Lab, down, require_root
 from clustermesh.lab.layout import LabLayout
-from clustermesh.lab.pods import add_named_pod
+from clustermesh.lab.pods import add_named_pod, delete_pod, pod_command
+from clustermesh.lab.services import add_service, parse_ports
 from clustermesh.processes.child import Child
 from clustermesh.status import fetch_status, render_status
 
@@ -41,9 +42,11 @@ def _say(title: str, command: str | None = None) -> None:
 
 
 def _in_pod(lab: Lab, pod: str, *command: str, timeout: float = 20) -> str:
-    namespace = lab.state.pods[pod]["netns"]
-    result = subprocess.run([*netns.nsenter(namespace), *command], capture_output=True, text=True, timeout=timeout,
-                            check=False)  # fmt: skip
+    """`command` as one of the pod's processes (its network namespace, cgroup and resolver), as `lab exec` runs it."""
+    record = lab.state.pods[pod]
+    cgroup = Path(record["cgroup"]) if record.get("cgroup") else None
+    result = subprocess.run(pod_command(record, list(command)), capture_output=True, text=True, timeout=timeout,
+                            check=False, preexec_fn=(lambda: cgroups.join(cgroup)) if cgroup else None)  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} in {pod} failed: {(result.stderr or result.stdout).strip()}")
     return result.stdout
@@ -180,6 +183,71 @@ def _policy(lab: Lab, workdir: Path) -> None:
         output.out.print(flows.rstrip(), markup=False, highlight=False)
 
 
+WEB_SERVER = """
+import socket, sys
+name = sys.argv[1]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 80)); s.listen(64)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.recv(1024)
+    c.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nhello from " + name.encode() + b"\\n"); c.close()
+"""
+ASK = """
+import collections, sys, urllib.request
+answers = collections.Counter(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode().strip()
+                              for _ in range(int(sys.argv[2])))
+for answer, count in sorted(answers.items()):
+    print(f"{count:3} x {answer}")
+"""
+
+
+def _global_service(lab: Lab, workdir: Path) -> None:
+    servers = []
+    try:
+        for cluster in ("c1", "c2"):
+            pod = f"{cluster}/shop/web"
+            _say(f"A backend web (app=web) in cluster {cluster}, and the Service shop/web there, global",
+                 f"clustermesh lab pod add {LAB} {cluster} web --namespace shop --labels app=web; "
+                 f"clustermesh lab service add {LAB} {cluster} web --namespace shop --selector app=web --port 80 "
+                 "--global")  # fmt: skip
+            add_named_pod(lab, int(cluster[1:]), "web", namespace="shop", labels={"app": "web"})
+            record = lab.state.pods[pod]
+            command = [sys.executable, "-u", "-c", WEB_SERVER, f"{pod} ({record['ip']}) in cluster {cluster}"]
+            server = Child(f"web server in {pod}", pod_command(record, command), workdir / f"web-{cluster}.log")
+            server.start()
+            servers.append(server)
+            server.wait_for("ready")
+            made = asyncio.run(add_service(lab, int(cluster[1:]), "web", "shop", {"app": "web"}, parse_ports(["80"]),
+                                           is_global=True, shared=True, affinity=None))  # fmt: skip
+            output.out.print(f"ClusterIP {made['cluster_ip']}")
+        _say("What the nodes load-balance: each cluster's ClusterIP, with the backends of both clusters",
+             f"clustermesh service list --lab {LAB}")  # fmt: skip
+        output.out.print(_cli("service", "list", "--lab", LAB).rstrip(), markup=False, highlight=False)
+        url = "http://web.shop.svc.clusterset.local/"
+        typed = f'clustermesh lab exec {LAB} c2/shop/client -- python3 -c "... urlopen({url!r})"'
+        _say("12 requests by name from c2/shop/client: answered by the backends of both clusters, balanced in eBPF "
+             "at connect()", typed)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:  # the agents write the maps within a moment of the Service
+            answers = _in_pod(lab, "c2/shop/client", sys.executable, "-c", ASK, url, "12")
+            if ("cluster c1" in answers and "cluster c2" in answers) or time.monotonic() > deadline:
+                break
+        output.out.print(answers.rstrip())
+        _say("c2's backend goes: the same requests are answered by c1's, across the clusters",
+             f"clustermesh lab pod delete {LAB} c2/shop/web")  # fmt: skip
+        servers.pop().stop(grace=1)
+        delete_pod(lab, "c2/shop/web")
+        deadline = time.monotonic() + 10
+        while True:
+            answers = _in_pod(lab, "c2/shop/client", sys.executable, "-c", ASK, url, "12")
+            if "cluster c2" not in answers or time.monotonic() > deadline:
+                break
+        output.out.print(answers.rstrip())
+    finally:
+        for server in servers:
+            server.stop(grace=1)
+
+
 def main() -> None:
     require_root()
     started = time.monotonic()
@@ -198,6 +266,7 @@ def main() -> None:
             _http(lab, "c1/pod-2-1", "c2/pod-1-2", Path(workdir))
             _wireguard(lab)
             _policy(lab, Path(workdir))
+            _global_service(lab, Path(workdir))
     finally:
         _say(
             "Removing the lab: every process, namespace, socket and file it made", f"clustermesh lab down --name {LAB}"

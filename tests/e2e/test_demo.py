@@ -28,5 +28,9 @@ def test_demo_shows_cross_cluster_traffic_over_wireguard_and_cleans_up() -> None
     dropped = [line for line in out.splitlines() if "DROPPED Policy denied" in line]
     assert forwarded and "(k8s:app=client, c2) -> shop/server:8080 (k8s:app=server, c1)" in forwarded[0], out
     assert dropped and "shop/intruder" in dropped[0] and "(k8s:app=intruder, c2)" in dropped[0], out
+    before, _, after = out.partition("c2's backend goes")
+    both = before.split("12 requests by name")[-1]
+    assert "in cluster c1" in both and "in cluster c2" in both, "the global service answered from both clusters"
+    assert " 12 x hello from c1/shop/web" in after, "then only from c1's backend"
     assert netns.list_netns("demo-") == []
     assert not Path("/run/clustermesh-lab/demo").exists()
