@@ -84,10 +84,12 @@ class LoadBalancer:
         self.cluster_id = cluster_id
         self.services: dict[str, Object] = {}  # namespace/name -> the local Service
         self.slices: dict[str, dict[str, Object]] = {}  # namespace/name -> slice name -> EndpointSlice
+        self._slice_owner: dict[str, str] = {}  # namespace/slice name -> namespace/name of its Service
         self.plans: dict[str, list[FrontendPlan]] = {}
         self.counts = LbCounts()
         self._written: dict[str, dict[LbFrontendKey, LbService]] = {}  # per Service: its entries in the map
         self._backend_users: dict[int, set[str]] = {}  # backend id -> the Services whose slots name it
+        self._service_backends: dict[str, set[int]] = {}  # namespace/name -> the backend ids its slots name
         self._backend_ids = _Ids(limit=2**32 - 1)
         self._revnat_ids = _Ids(limit=65535)
         self._dirty: set[str] = set()
@@ -106,6 +108,7 @@ class LoadBalancer:
             if owner:
                 self._forget_slice(namespace, name)
                 self.slices.setdefault(f"{namespace}/{owner}", {})[name] = obj
+                self._slice_owner[f"{namespace}/{name}"] = f"{namespace}/{owner}"
                 self._touch(f"{namespace}/{owner}")
 
     def on_delete(self, kind: Kind, obj: Object) -> None:
@@ -118,9 +121,15 @@ class LoadBalancer:
             self._forget_slice(namespace, name)
 
     def _forget_slice(self, namespace: str, name: str) -> None:
-        for key, slices in self.slices.items():
-            if key.startswith(f"{namespace}/") and slices.pop(name, None) is not None:
-                self._touch(key)
+        """Take a slice from the Service that owned it (its label may have changed since)."""
+        key = self._slice_owner.pop(f"{namespace}/{name}", None)
+        if key is None:
+            return
+        slices = self.slices.get(key, {})
+        slices.pop(name, None)
+        if not slices:
+            self.slices.pop(key, None)
+        self._touch(key)
 
     def on_changes(self, changes: Iterable[Change]) -> None:
         """The view's changes: a global service another cluster exports changed."""
@@ -173,6 +182,9 @@ class LoadBalancer:
         new_backends = {n: b for n, b in backends.items() if key not in self._backend_users.get(n, set())}
         for number in backends:
             self._backend_users.setdefault(number, set()).add(key)
+        before = self._service_backends.pop(key, set())
+        if backends:
+            self._service_backends[key] = set(backends)
         if new_backends:
             self.datapath.lb_backends.write(new_backends)
             self.counts.backend_writes += len(new_backends)
@@ -205,14 +217,14 @@ class LoadBalancer:
                     self.datapath.lb_revnat.remove([unused])
                     self.counts.revnat_writes += 1
                     self._revnat_ids.release(owner)
-        for number, users in list(self._backend_users.items()):
-            if key in users and number not in backends:
-                users.discard(key)
-                if not users:
-                    del self._backend_users[number]
-                    self.datapath.lb_backends.remove([number])
-                    self.counts.backend_writes += 1
-                    self._backend_ids.release(self._backend_ids.owners[number])
+        for number in sorted(before - backends.keys()):
+            users = self._backend_users.get(number, set())
+            users.discard(key)
+            if not users:
+                self._backend_users.pop(number, None)
+                self.datapath.lb_backends.remove([number])
+                self.counts.backend_writes += 1
+                self._backend_ids.release(self._backend_ids.owners[number])
 
     def _backend_id(self, backend: Backend, cluster_id: int) -> int:
         return self._backend_ids.get((cluster_id, backend.ip, backend.port, backend.protocol))

@@ -65,6 +65,24 @@ def test_a_service_and_its_slices_fill_the_maps_and_their_deletion_empties_them(
     assert maps.lb_services.items() == {} and maps.lb_backends.items() == {} and maps.lb_revnat.items() == {}
 
 
+def test_a_slice_relabelled_to_another_service_leaves_the_first_and_a_deleted_one_leaves_its_own() -> None:
+    lb, _, maps = make()
+    lb.on_upsert(SERVICE, service("web", "10.96.1.2"))
+    lb.on_upsert(SERVICE, service("api", "10.96.1.3"))
+    moved = slice_("web", "10.1.1.10")
+    lb.on_upsert(SLICE, moved)
+    lb.on_upsert(SLICE, slice_("api", "10.1.1.20"))
+    lb.sync()
+    moved["metadata"]["labels"]["kubernetes.io/service-name"] = "api"  # web-x now belongs to api
+    lb.on_upsert(SLICE, moved)
+    lb.sync()
+    assert slots(maps, "10.96.1.2") == [] and sorted(slots(maps, "10.96.1.3")) == ["10.1.1.10:8080", "10.1.1.20:8080"]
+    lb.on_delete(SLICE, slice_("api", "10.1.1.20"))
+    lb.sync()
+    assert slots(maps, "10.96.1.3") == ["10.1.1.10:8080"]
+    assert sorted(b.address for b in maps.lb_backends.items().values()) == ["10.1.1.10"], "unused backend removed"
+
+
 def test_a_service_with_no_ready_backend_has_a_frontend_with_none() -> None:
     lb, _, maps = make()
     lb.on_upsert(SERVICE, service("web", "10.96.1.2"))
