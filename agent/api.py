@@ -7,6 +7,10 @@ DELETE /v1/endpoints/<ns>/<name>
 POST   /v1/cni/add|del|check         a PodRequest -> the CNI result, or an error
 GET    /v1/flows                     ?since=N&last=N&wait=S: the flows numbered after N (Hubble's shape)
 GET    /v1/policy                    per local endpoint: its compiled rules and the policies they came from
+GET    /v1/services                  the load balancer's frontends and backends
+
+The flow service (`--hubble-listen-address`, mutual TLS with the mesh's CA) serves `/v1/flows` and `/v1/peers` (every
+node of every cluster in the merged view, with its flow service's address) to relays.
 
 Every error is an `ApiError` document with a reason code: `starting` (the agent's store is not there yet: retry),
 `no-datapath`, `invalid`, `not-found`, `conflict`, `unavailable` (retry), `exhausted`, `datapath`, `internal`.
@@ -33,10 +37,11 @@ from agent.mesh import Mesh
 from agent.metrics import AgentMetrics
 from agent.services import LoadBalancer
 from clustermesh.daemon.http import Request, Response, Route
+from clustermesh.daemon.tls import hubble_server_name
 from clustermesh.model.api import ApiError, DatapathStatus, PodRequest, Problem
 from clustermesh.resources.store import Conflict, NotFound, ResourceError, Unavailable
 
-__all__ = ["routes"]
+__all__ = ["flows_route", "peers_route", "routes"]
 
 _ENCODER = msgspec.json.Encoder()
 _POD_REQUEST = msgspec.json.Decoder(PodRequest)
@@ -108,6 +113,45 @@ def _pod_request(request: Request) -> PodRequest:
     if not pod.containerID:
         raise InvalidRequest("containerID is required")
     return pod
+
+
+def flows_route(flows: FlowLog | None) -> Route:
+    """GET /v1/flows?since=N&last=N&wait=S: the flows numbered after N (on the local socket and the flow service)."""
+
+    async def flow_list(request: Request) -> Response:
+        if flows is None:
+            return fail(503, "no-datapath", "this agent enforces no policy here: it has no flows to tell")
+        try:
+            after = int(request.query.get("since", "0"))
+            last = int(request.query["last"]) if "last" in request.query else None
+            wait = min(float(request.query.get("wait", "0")), 60.0)
+        except ValueError:
+            return fail(400, "invalid", "since and last are numbers, wait a number of seconds")
+        if wait > 0:
+            await flows.wait(after, wait)
+        found = flows.since(after, last)
+        next_ = found[-1][0] if found else max(after, flows.next - 1 if after == 0 else after)
+        # newest: the node's own count, lower than a reader's `since` once the agent restarted and counts anew
+        return respond(200, {"flows": [flow for _, flow in found], "next": next_, "newest": flows.next - 1})
+
+    return flow_list
+
+
+def peers_route(mesh: Mesh, port: int) -> Route:
+    """GET /v1/peers: every node of every cluster this agent knows, with where its flow service listens (the same
+    port on every node, as Hubble's peer service assumes) and the name its certificate carries."""
+
+    async def peers(request: Request) -> Response:
+        found = []
+        for key, node in sorted(mesh.view.nodes.items()):
+            cluster, _, name = key.partition("/")
+            address = next((a.IP for a in node.IPAddresses or [] if a.Type == "InternalIP" and ":" not in a.IP), "")
+            if address:
+                found.append({"name": key, "cluster": cluster, "node": name, "address": f"{address}:{port}",
+                              "tls_server_name": hubble_server_name(cluster, name)})  # fmt: skip
+        return respond(200, {"peers": found})
+
+    return peers
 
 
 def routes(
@@ -254,20 +298,7 @@ def routes(
             return fail(409, "conflict", "; ".join(problems))
         return respond(200, {"problems": []})
 
-    async def flow_list(request: Request) -> Response:
-        if flows is None:
-            return fail(503, "no-datapath", "this agent enforces no policy here: it has no flows to tell")
-        try:
-            after = int(request.query.get("since", "0"))
-            last = int(request.query["last"]) if "last" in request.query else None
-            wait = min(float(request.query.get("wait", "0")), 60.0)
-        except ValueError:
-            return fail(400, "invalid", "since and last are numbers, wait a number of seconds")
-        if wait > 0:
-            await flows.wait(after, wait)
-        found = flows.since(after, last)
-        return respond(200, {"flows": [flow for _, flow in found], "next": found[-1][0] if found else max(after,
-                             flows.next - 1 if after == 0 else after)})  # fmt: skip
+    flow_list = flows_route(flows)
 
     async def policy(request: Request) -> Response:
         enforcing = enforcer()

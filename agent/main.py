@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from bpf.events import RingReader, follow_records
 from bpf.loader import BuildError, Loaded, LoadError, build, cgroup2_mount
 from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait, run_together
+from clustermesh.daemon.tls import server_context
 from clustermesh.model import converters
 from clustermesh.model.api import DatapathStatus
 from clustermesh.model.clusters import ClusterInfo
@@ -101,6 +103,8 @@ class AgentSettings:
     bpf_pin_dir: Path | None = None  # default: /sys/fs/bpf/clustermesh/<cluster>-<node>
     cgroup_root: Path | None = None  # where this node's pods' processes live (default: the cgroup v2 mount)
     dns: bool = True  # answer DNS for the node's pods on its router address
+    hubble_address: tuple[str, int] | None = None  # the flow service, for relays (mutual TLS)
+    hubble_tls: ssl.SSLContext | None = None
 
 
 class LocalServices:
@@ -359,13 +363,20 @@ class Agent:
                 allocator=lambda: self.allocator,
                 lb=lambda: self.lb,
             )
+            if self.settings.hubble_address is not None:  # a relay on this host learns the mesh's nodes here
+                routes["/v1/peers"] = api.peers_route(self.mesh, self.settings.hubble_address[1])
             servers.append(HttpEndpoint(unix_path=self.settings.api_socket, routes=routes))
         if self.settings.metrics_address is not None:
             host, port = self.settings.metrics_address
             servers.append(HttpEndpoint(host, port, routes={"/metrics": metrics_route(self.registry)}))
+        if self.settings.hubble_address is not None:
+            host, port = self.settings.hubble_address
+            flow_service = {"/v1/flows": api.flows_route(self.flows), "/v1/peers": api.peers_route(self.mesh, port)}
+            servers.append(HttpEndpoint(host, port, routes=flow_service, ssl=self.settings.hubble_tls))
         for server in servers:
             await server.start()
-            log.info("listening on %s", f"http://{server.address}" if server.unix_path is None else server.address)
+            scheme = "https" if server.ssl is not None else "http"
+            log.info("listening on %s", f"{scheme}://{server.address}" if server.unix_path is None else server.address)
         jobs = [self.mesh.run(), self._local_jobs()]
         if self.pods is not None:
             try:
@@ -439,6 +450,19 @@ def make_driver(settings: AgentSettings, key_path: Path) -> Driver:
                            run_dir=settings.state_dir / "ipsec", cert=settings.ipsec_cert, key=settings.ipsec_key,
                            ca=settings.ipsec_ca)  # fmt: skip
     raise click.UsageError(f"unknown --datapath {settings.datapath!r}")
+
+
+def _flow_service(params: dict[str, Any]) -> tuple[tuple[str, int] | None, ssl.SSLContext | None]:
+    """The flow service's address and TLS context, or a clear ValueError (it never runs without mutual TLS)."""
+    address = params["hubble_listen_address"]
+    if not address:
+        return None, None
+    host, port = parse_address(f"0.0.0.0{address}" if address.startswith(":") else address)
+    files = (params["hubble_tls_cert_file"], params["hubble_tls_key_file"])
+    if None in files or not params["hubble_tls_client_ca_files"]:
+        raise ValueError("--hubble-listen-address needs --hubble-tls-cert-file, --hubble-tls-key-file and "
+                         "--hubble-tls-client-ca-files: the flow service speaks mutual TLS only")  # fmt: skip
+    return (host, port), server_context(files[0], files[1], list(params["hubble_tls_client_ca_files"]))
 
 
 def _boot_id() -> str:
@@ -521,6 +545,14 @@ def _boot_id() -> str:
 @click.option("--bpf-pin-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where this node's eBPF programs and maps are pinned (default "
               "/sys/fs/bpf/clustermesh/<cluster>-<node>).")  # fmt: skip
+@click.option("--hubble-listen-address", default="",
+              help="(Cilium's flag) HOST:PORT (or :PORT) of the flow service relays read (/v1/flows, /v1/peers), "
+              "mutual TLS only; Hubble's port is 4244. Empty: off.")  # fmt: skip
+@click.option("--hubble-tls-cert-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The flow service's certificate (its SAN: <node>.<cluster>.hubble-grpc.cilium.io).")  # fmt: skip
+@click.option("--hubble-tls-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--hubble-tls-client-ca-files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The CA (repeat for several) a relay's client certificate must chain to.")  # fmt: skip
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def main(**params: Any) -> None:
     """Run the node agent: publish this node, read every cluster of the mesh, serve the status."""
@@ -530,6 +562,7 @@ def main(**params: Any) -> None:
         endpoints = [url for value in params["kvstore_endpoints"] for url in value.split(",") if url]
         config = EtcdConfig(endpoints, params["kvstore_ca"], params["kvstore_cert"], params["kvstore_key"])
         metrics = parse_address(params["metrics_address"]) if params["metrics_address"] else None
+        hubble, hubble_tls = _flow_service(params)
     except (ModelError, errors.KVStoreError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     settings = AgentSettings(
@@ -563,6 +596,8 @@ def main(**params: Any) -> None:
         bpf_pin_dir=params["bpf_pin_dir"],
         cgroup_root=params["cgroup_root"],
         dns=params["dns"],
+        hubble_address=hubble,
+        hubble_tls=hubble_tls,
     )
     try:
         agent = Agent(settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import fnmatch
 import json
 from pathlib import Path
@@ -67,6 +68,20 @@ def policy_get(socket: Path | None, lab: str | None, output_format: str) -> None
             output.out.print(f"  [yellow]not enforced[/] {name}: {reason}")
 
 
+def _relay_socket(lab: str, cluster: str) -> dict[str, Path]:
+    from clustermesh.lab.lab import Lab
+    from clustermesh.lab.layout import LabError
+
+    try:
+        found = Lab.existing(lab)
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not cluster.startswith("c") or not cluster[1:].isdigit() or not 1 <= int(cluster[1:]) <= found.state.clusters:
+        raise click.BadParameter(f"lab {lab} has clusters c1..c{found.state.clusters}", param_hint="--cluster")
+    path = found.relay_socket(int(cluster[1:]))
+    return {str(path): path}
+
+
 def _short(labels: list[str]) -> list[str]:
     """Labels a person reads: not the namespace's labels, which every identity of a namespace shares."""
     return [label for label in labels if "io.cilium.k8s.namespace.labels" not in label]
@@ -102,9 +117,48 @@ def matches(document: dict[str, Any], filters: dict[str, Any]) -> bool:
     return not filters["protocol"] or protocol == filters["protocol"].lower()
 
 
+def _moment(text: str) -> datetime.datetime:
+    """An RFC 3339 time, or a duration before now (`30s`, `5m`, `2h`), as `hubble observe --since` takes them."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a time (2026-12-07T10:00:00Z) nor a duration (30s, 5m, 2h)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+
+
+def _flow_time(document: dict[str, Any]) -> datetime.datetime:
+    text = str(document.get("time", ""))
+    whole, _, fraction = text.rstrip("Z").partition(".")
+    return datetime.datetime.fromisoformat(f"{whole}.{fraction[:6] or '0'}+00:00")
+
+
+def in_window(document: dict[str, Any], filters: dict[str, Any]) -> bool:
+    """The node (a glob of `cluster/node`) and the time window."""
+    if filters["node"] and not fnmatch.fnmatch(str(document.get("node_name", "")), filters["node"]):
+        return False
+    if filters["since"] is None and filters["until"] is None:
+        return True
+    moment = _flow_time(document)
+    return (filters["since"] is None or moment >= filters["since"]) and (
+        filters["until"] is None or moment <= filters["until"]
+    )
+
+
 @cli.command("observe")
 @socket_option
 @lab_option
+@click.option("--relay", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A clustermesh-relay's socket: every node of every connected cluster.")  # fmt: skip
+@click.option("--cluster", "relay_cluster", default="c1", show_default=True,
+              help="With --lab: whose relay to ask (each sees the whole mesh).")  # fmt: skip
+@click.option("--node", default=None, help="The observing node, `cluster/node` (a glob: c2/*).")
+@click.option("--since", type=_moment, default=None, help="Flows at or after this time, or this long ago (5m).")
+@click.option("--until", type=_moment, default=None, help="Flows at or before this time, or this long ago.")
 @click.option("--from-label", multiple=True, help="k=v (or k8s:k=v, reserved:world) of the source; repeat: all.")
 @click.option("--to-label", multiple=True, help="The same, of the destination.")
 @click.option("--from-namespace", default=None)
@@ -118,15 +172,29 @@ def matches(document: dict[str, Any], filters: dict[str, Any]) -> bool:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing flows as they come.")
 @click.option("-o", "--output", "output_format", type=click.Choice(["compact", "json"]), default="compact",
               show_default=True, help="compact: one line a flow; json: Hubble's, one object a line.")  # fmt: skip
-def observe(socket: Path | None, lab: str | None, follow: bool, last: int, output_format: str,
-            **filters: Any) -> None:  # fmt: skip
-    """Flows seen by a node's datapath (or by every node of a lab): drops with both sides' labels and the
-    reason, and each new allowed flow."""
-    sockets = _sockets(socket, lab)
+def observe(socket: Path | None, lab: str | None, relay: Path | None, relay_cluster: str, follow: bool, last: int,
+            output_format: str, **filters: Any) -> None:  # fmt: skip
+    """Flows seen by a node's datapath, or through a relay by every node of every connected cluster (--relay, or
+    --lab): drops with both sides' labels and the reason, and each new allowed flow. Nodes a relay cannot read are
+    named on stderr, never silently left out."""
+    sockets = (
+        {str(relay): relay}
+        if relay is not None
+        else _relay_socket(lab, relay_cluster)
+        if lab
+        else _sockets(socket, None)
+    )
+    warned: set[str] = set()
+
+    def warn(document: dict[str, Any]) -> None:
+        for problem in document.get("unreachable") or []:
+            if problem not in warned:
+                warned.add(problem)
+                click.echo(f"warning: flows not read from {problem}", err=True)
 
     def show(documents: list[dict[str, Any]]) -> None:
         for document in sorted(documents, key=lambda d: d["time"]):
-            if not matches(document, filters):
+            if not matches(document, filters) or not in_window(document, filters):
                 continue
             if output_format == "json":
                 click.echo(json.dumps(document, separators=(",", ":")))
@@ -138,7 +206,8 @@ def observe(socket: Path | None, lab: str | None, follow: bool, last: int, outpu
         first: list[dict[str, Any]] = []
         for node, path in sockets.items():
             document = await _get(path, "/v1/flows?since=0")
-            picked = [d for d in document["flows"] if matches(d, filters)]
+            warn(document)
+            picked = [d for d in document["flows"] if matches(d, filters) and in_window(d, filters)]
             first.extend(picked[-last:] if last else picked)
             seen[node] = document["next"]
         show(first)
@@ -148,6 +217,7 @@ def observe(socket: Path | None, lab: str | None, follow: bool, last: int, outpu
             )
             batch = []
             for node, document in zip(sockets, answers, strict=True):
+                warn(document)
                 batch.extend(document["flows"])
                 seen[node] = max(seen[node], document["next"])
             show(batch)

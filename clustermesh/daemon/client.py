@@ -1,7 +1,8 @@
-"""The one HTTP client of a local API on a unix socket (the agent's): one request, one answer, JSON both ways.
+"""The one HTTP client of our APIs: the agent's on a unix socket, or a flow service over mutual TLS (`TlsTarget`): one
+request, one answer, JSON both ways.
 
-Used by `clustermesh status`, the lab and the CNI plugin. It speaks just what `clustermesh.daemon.http` serves:
-HTTP/1.1, `Connection: close`, a Content-Length body. Errors are two kinds, so a caller can tell waiting from
+Used by `clustermesh status`, the lab, the CNI plugin and the relay. It speaks just what `clustermesh.daemon.http`
+serves: HTTP/1.1, `Connection: close`, a Content-Length body. Errors are two kinds, so a caller can tell waiting from
 giving up: `SocketUnreachable` (nothing listens: the agent is not running, or not yet) and `BadAnswer` (something
 answered, but not an HTTP response with a JSON body).
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Answer", "BadAnswer", "SocketUnreachable", "request"]
+__all__ = ["Answer", "BadAnswer", "SocketUnreachable", "TlsTarget", "request"]
 
 
 class SocketUnreachable(Exception):
@@ -23,6 +25,19 @@ class SocketUnreachable(Exception):
 
 class BadAnswer(Exception):
     """The other side answered something that is not an HTTP response with a JSON body."""
+
+
+@dataclass(frozen=True)
+class TlsTarget:
+    """A TCP API behind TLS: where it is, the client's context, and the name its certificate must carry."""
+
+    host: str
+    port: int
+    context: ssl.SSLContext
+    server_name: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -37,8 +52,15 @@ class Answer:
             raise BadAnswer(f"the answer ({self.status}) is not JSON: {self.body[:200]!r}") from None
 
 
+async def _open(target: Path | str | TlsTarget) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if isinstance(target, TlsTarget):
+        return await asyncio.open_connection(target.host, target.port, ssl=target.context,
+                                             server_hostname=target.server_name)  # fmt: skip
+    return await asyncio.open_unix_connection(str(target))
+
+
 async def request(
-    socket: Path | str,
+    socket: Path | str | TlsTarget,
     method: str,
     path: str,
     body: Any = None,
@@ -48,7 +70,9 @@ async def request(
 ) -> Answer:
     """One request; `body` (if not None) is sent as JSON."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket)), connect_timeout)
+        reader, writer = await asyncio.wait_for(_open(socket), connect_timeout)
+    except ssl.SSLCertVerificationError as exc:
+        raise SocketUnreachable(f"{socket}: its certificate was refused ({exc.verify_message})") from None
     except (OSError, TimeoutError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise SocketUnreachable(f"nothing answers at {socket} ({reason})") from None

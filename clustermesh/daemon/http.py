@@ -1,4 +1,5 @@
-"""A tiny HTTP/1.1 server on asyncio streams, on TCP (health, metrics) or a unix socket (the agent's local API).
+"""A tiny HTTP/1.1 server on asyncio streams, on TCP (health, metrics; with TLS, the flow service) or a unix socket
+(the agent's local API).
 
 No web framework: each route is an async callable taking a `Request` and returning (status, content type, body).
 A route that raises answers 500 with the error, and the server keeps serving. Port 0 picks a free port; the
@@ -12,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,7 @@ class HttpEndpoint:
     port: int = 0
     routes: dict[str, Route] = field(default_factory=dict)
     unix_path: Path | None = None
+    ssl: ssl.SSLContext | None = None  # TCP only: TLS (mutual, when the context requires client certificates)
     server: asyncio.Server | None = None
 
     @property
@@ -106,7 +109,7 @@ class HttpEndpoint:
             self.server = await asyncio.start_unix_server(self._serve, str(self.unix_path))
             os.chmod(self.unix_path, 0o660)
             return
-        self.server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.ssl)
         self.port = int(self.server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
@@ -132,7 +135,7 @@ class HttpEndpoint:
             )
             writer.write(head.encode() + body)
             await writer.drain()
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, ssl.SSLError):  # a client without a valid certificate among them
             pass
         finally:
             writer.close()

@@ -80,6 +80,8 @@ class Lab(LabContext):
         for node in self.state.node_layouts():
             nodes.add_node_namespace(self, node)
             nodes.start_agent(self, node)
+        for cluster in layout.all_clusters():
+            nodes.start_relay(self, cluster.index)
         asyncio.run(controlplane.connect_all(self))
         for node in self.state.node_layouts():
             for pod in node.pods(layout.pods):

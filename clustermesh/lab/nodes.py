@@ -5,12 +5,15 @@ from __future__ import annotations
 import shutil
 
 import certs
+from clustermesh.daemon.tls import hubble_server_name
 from clustermesh.lab import cgroups, netns
 from clustermesh.lab.layout import POD_SUPERNET, WIREGUARD_PORT, NodeLayout
 from clustermesh.lab.state import BIN, LabContext
 from clustermesh.lab.underlay import attach
 
-__all__ = ["add_node_namespace", "start_agent"]
+__all__ = ["add_node_namespace", "start_agent", "start_relay"]
+
+HUBBLE_PORT = 4244  # Hubble's port: every node's flow service
 
 
 def add_node_namespace(ctx: LabContext, node: NodeLayout) -> None:
@@ -32,6 +35,43 @@ def ipsec_credentials(ctx: LabContext, node: NodeLayout) -> list[str]:
     return ["--ipsec-cert", str(paths.cert), "--ipsec-key", str(paths.key), "--ipsec-ca", str(ca_file)]
 
 
+def hubble_credentials(ctx: LabContext, node: NodeLayout) -> list[str]:
+    """The node's flow service: its certificate names it as Hubble's peer service does, and only clients of the lab's
+    CA (the relays) may read it."""
+    directory = ctx.node_dir(node) / "hubble-certs"
+    ca = certs.load_issued(ctx.pki(node.cluster).ca)
+    paths = certs.CertPaths.in_dir(directory, "server")
+    directory.mkdir(parents=True, exist_ok=True)
+    name = hubble_server_name(f"c{node.cluster}", node.name)
+    certs.write_issued(certs.issue_server(ca, f"hubble-{node.name}", hosts=[name, node.ip]), paths)
+    ca_file = str(ctx.pki(node.cluster).ca.cert)
+    return ["--hubble-listen-address", f":{HUBBLE_PORT}", "--hubble-tls-cert-file", str(paths.cert),
+            "--hubble-tls-key-file", str(paths.key), "--hubble-tls-client-ca-files", ca_file]  # fmt: skip
+
+
+def start_relay(ctx: LabContext, cluster: int) -> None:
+    """The cluster's relay, in its control plane's namespace: the nodes to follow come from its first node's agent
+    (whose merged view names every node of every connected cluster); readers ask on `relay.sock`."""
+    directory = ctx.state_dir / f"c{cluster}" / "relay-certs"
+    ca = certs.load_issued(ctx.pki(cluster).ca)
+    paths = certs.CertPaths.in_dir(directory, "client")
+    directory.mkdir(parents=True, exist_ok=True)
+    certs.write_issued(certs.issue_client(ca, "hubble-relay"), paths)
+    first = min((n for n in ctx.state.node_layouts() if n.cluster == cluster), key=lambda n: n.index)
+    child = ctx.child(
+        f"relay-c{cluster}",
+        ctx.layout.cluster(cluster).control_plane_netns,
+        [
+            str(BIN / "clustermesh-relay"), "--peer-service", str(ctx.socket(first)),
+            "--tls-client-cert-file", str(paths.cert), "--tls-client-key-file", str(paths.key),
+            "--tls-hubble-server-ca-files", str(ctx.pki(cluster).ca.cert),
+            "--api-socket", str(ctx.relay_socket(cluster)), "--refresh", "2",
+        ],
+        r"listening on ",
+    )  # fmt: skip
+    ctx.progress(f"c{cluster}: clustermesh-relay (pid {child.pid}), flows of every node at {ctx.relay_socket(cluster)}")
+
+
 def start_agent(ctx: LabContext, node: NodeLayout) -> None:
     directory = ctx.node_dir(node)
     (directory / "remotes").mkdir(parents=True, exist_ok=True)
@@ -49,7 +89,7 @@ def start_agent(ctx: LabContext, node: NodeLayout) -> None:
             "--clustermesh-config", str(directory / "remotes"), "--state-dir", str(directory / "state"),
             "--api-socket", str(ctx.socket(node)), "--datapath", ctx.layout.routing,
             "--wireguard-interface", node.wireguard_interface, "--wireguard-port", str(WIREGUARD_PORT),
-            "--pod-supernet", POD_SUPERNET, "--identity-gc-grace", "60", *ipsec,
+            "--pod-supernet", POD_SUPERNET, "--identity-gc-grace", "60", *ipsec, *hubble_credentials(ctx, node),
             "--bpf-pin-dir", str(ctx.layout.bpf_dir / node.name),
             "--cgroup-root", str(cgroups.make(cgroups.node_cgroup(ctx.layout.name, node.name))),
             *ctx.state.agent_args,

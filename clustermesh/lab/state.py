@@ -91,6 +91,9 @@ class LabContext:
     def socket(self, node: NodeLayout) -> Path:
         return self.node_dir(node) / "agent.sock"
 
+    def relay_socket(self, cluster: int) -> Path:
+        return self.state_dir / f"c{cluster}" / "relay.sock"
+
     def config(self, cluster: int, user: str) -> EtcdConfig:
         pki = self.pki(cluster)
         paths = pki.user(user)

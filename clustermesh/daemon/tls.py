@@ -1,0 +1,53 @@
+"""TLS for the daemons' TCP APIs between hosts (the agents' flow service, the relay): mutual, with the mesh's CA.
+
+Both sides trust only the CA files they are given (never the system's store), and a server asks every client for a
+certificate of that CA: the flow service tells what every pod of a node talks to, so nobody else may read it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+__all__ = ["TlsFilesError", "client_context", "hubble_server_name", "server_context"]
+
+
+class TlsFilesError(ValueError):
+    """The certificate, key or CA files cannot be used (missing, unreadable, or not a pair)."""
+
+
+def _load(context: ssl.SSLContext, cert: Path, key: Path, cas: list[Path]) -> ssl.SSLContext:
+    try:
+        for ca in cas:
+            context.load_verify_locations(cafile=str(ca))
+        context.load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        raise TlsFilesError(f"the TLS files do not fit together ({exc.reason}): does {key} belong to {cert}?") from exc
+    except OSError as exc:
+        raise TlsFilesError(f"cannot load the TLS files: {exc.strerror or exc}: {exc.filename or ''}") from exc
+    return context
+
+
+def server_context(cert: Path, key: Path, client_cas: list[Path]) -> ssl.SSLContext:
+    """A server that refuses any client without a certificate of `client_cas`."""
+    if not client_cas:
+        raise TlsFilesError("a TLS server of the mesh needs the CA of its clients (mutual TLS)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    return _load(context, cert, key, client_cas)
+
+
+def client_context(cert: Path, key: Path, server_cas: list[Path]) -> ssl.SSLContext:
+    """A client that presents its certificate and checks the server's name against `server_cas`."""
+    if not server_cas:
+        raise TlsFilesError("a TLS client of the mesh needs the CA of its servers")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return _load(context, cert, key, server_cas)
+
+
+def hubble_server_name(cluster: str, node: str) -> str:
+    """The name a node's flow service certificate carries, as Hubble's peer service names it:
+    `<node>.<cluster>.hubble-grpc.cilium.io`, dots in either name turned into hyphens."""
+    return f"{node.replace('.', '-')}.{cluster.replace('.', '-')}.hubble-grpc.cilium.io"

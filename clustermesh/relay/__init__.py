@@ -1,0 +1,1 @@
+"""`clustermesh-relay`: the flows of every node of every connected cluster, merged, as Hubble Relay serves them."""
