@@ -41,7 +41,7 @@ from agent.enforcement import POLICY_KINDS, Enforcer
 from agent.flows import FlowLog
 from agent.identities import IdentityAllocator, IdentityCollector
 from agent.mesh import Mesh
-from agent.metrics import DatapathCounters, PolicyProblems
+from agent.metrics import CiliumClusterMeshMetrics, DatapathCounters, PolicyProblems
 from agent.namespaces import NamespaceLabels
 from agent.publishing import NodePublisher, NodeSpec
 from agent.rendering import RemoteRenderer
@@ -144,6 +144,9 @@ class Agent:
             pod_supernets=settings.pod_supernets,
             own_node=converters.cilium_node_to_node(self.node_spec_without_key(), settings.cluster),
         )
+        self.registry.register(CiliumClusterMeshMetrics(
+            settings.cluster.name, settings.node_name, lambda: list(self.mesh.remotes.values()),
+            lambda cluster: {str(k): n for k, n in self.mesh.view.counts.get(cluster, {}).items()}))  # fmt: skip
         self.keys = load_or_create(settings.state_dir / "wireguard.key")
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.endpoints: EndpointManager | None = None

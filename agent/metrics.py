@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -10,7 +11,7 @@ from prometheus_client.registry import Collector
 
 from bpf.maps import EGRESS, Counters
 
-__all__ = ["AgentMetrics", "DatapathCounters"]
+__all__ = ["AgentMetrics", "CiliumClusterMeshMetrics", "DatapathCounters"]
 
 #: Cilium's drop reasons as its metrics name them (`cilium_drop_count_total{reason}`).
 DROP_REASON_TEXT = {133: "Policy denied", 181: "Policy denied by denylist"}
@@ -94,3 +95,61 @@ class PolicyProblems(Collector):
         for kind, count in sorted(kinds.items()):
             gauge.add_metric([kind], count)
         yield gauge
+
+
+class RemoteClusterFacts(Protocol):
+    name: str
+    is_local: bool
+    failures: int
+    last_failure_time: float
+    cache_revocations: int
+
+    def ready(self) -> bool: ...
+
+
+class CiliumClusterMeshMetrics(Collector):
+    """Cilium agent's clustermesh metrics, by its names and labels (`source_cluster`, `source_node_name`,
+    `target_cluster`), read from the remote clusters and the merged view at each scrape, so that Cilium's dashboards
+    and alerts work unchanged."""
+
+    def __init__(self, source_cluster: str, source_node: str, remotes: Callable[[], list[RemoteClusterFacts]],
+                 counts: Callable[[str], dict[str, int]]) -> None:  # fmt: skip
+        self.source = [source_cluster, source_node]
+        self.remotes = remotes
+        self.counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["source_cluster", "source_node_name", "target_cluster"]
+        remotes = [r for r in self.remotes() if not r.is_local]
+        total = GaugeMetricFamily("cilium_clustermesh_remote_clusters", "Remote clusters configured",
+                                  labels=labels[:2])  # fmt: skip
+        total.add_metric(self.source, len(remotes))
+        yield total
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "readiness_status": GaugeMetricFamily("cilium_clustermesh_remote_cluster_readiness_status",
+                                                  "1 while a remote cluster is ready", labels=labels),
+            "failures": GaugeMetricFamily("cilium_clustermesh_remote_cluster_failures",
+                                          "Failures of a remote cluster's connection", labels=labels),
+            "last_failure_ts": GaugeMetricFamily("cilium_clustermesh_remote_cluster_last_failure_ts",
+                                                 "Unix time of a remote cluster's last failure", labels=labels),
+            "nodes": GaugeMetricFamily("cilium_clustermesh_remote_cluster_nodes", "Nodes of a remote cluster",
+                                       labels=labels),
+            "endpoints": GaugeMetricFamily("cilium_clustermesh_remote_cluster_endpoints",
+                                           "Endpoints (ipcache entries) of a remote cluster", labels=labels),
+            "services": GaugeMetricFamily("cilium_clustermesh_remote_cluster_services",
+                                          "Global services a remote cluster exports", labels=labels),
+            "cache_revocations": CounterMetricFamily("cilium_clustermesh_remote_cluster_cache_revocations",
+                                                     "Times a remote cluster's services were drained after the "
+                                                     "cache TTL", labels=labels),
+        }  # fmt: skip
+        for remote in sorted(remotes, key=lambda r: r.name):
+            values = [*self.source, remote.name]
+            counts = self.counts(remote.name)
+            families["readiness_status"].add_metric(values, 1 if remote.ready() else 0)
+            families["failures"].add_metric(values, remote.failures)
+            families["last_failure_ts"].add_metric(values, remote.last_failure_time)
+            families["nodes"].add_metric(values, counts.get("node", 0))
+            families["endpoints"].add_metric(values, counts.get("ipcache", 0))
+            families["services"].add_metric(values, counts.get("service", 0))
+            families["cache_revocations"].add_metric(values, remote.cache_revocations)
+        yield from families.values()

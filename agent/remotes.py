@@ -148,6 +148,8 @@ class RemoteCluster:
         self.refused: Refused | None = None
         self.sessions = 0
         self.failures = 0
+        self.last_failure_time = 0.0  # wall clock, for Cilium's last_failure_ts
+        self.cache_revocations = 0
         self.last_error: errors.KVStoreError | Refused | None = None
         self.last_error_at: float | None = None
         self.changed = asyncio.Event()  # set on every status change
@@ -251,6 +253,7 @@ class RemoteCluster:
         self.failures += 1
         self.last_error = exc
         self.last_error_at = self.clock()
+        self.last_failure_time = time.time()
         if self.metrics is not None:
             self.metrics.failures.labels(self.name).inc()
             self.metrics.last_failure.labels(self.name).set(time.time())
@@ -479,6 +482,7 @@ class RemoteCluster:
             await asyncio.sleep(self.cache_ttl)
             log.warning("cluster %s disconnected for %.0f s: draining its services", self.name, self.cache_ttl)
             self.drain([keys.SERVICES_PREFIX])
+            self.cache_revocations += 1
             self._drain_task = None
 
         self._drain_task = asyncio.create_task(drain_later(), name=f"{self.name}-drain")

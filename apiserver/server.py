@@ -77,7 +77,8 @@ class Apiserver:
 
     def __post_init__(self) -> None:
         cluster = self.config.cluster
-        self.kvmetrics = KVStoreMetrics(self.registry)
+        self.kvmetrics = KVStoreMetrics(self.registry, cilium_prefix="cilium_clustermesh_apiserver_kvstore",
+                                        source_cluster=cluster.name)  # fmt: skip
         self.leases = LeaseManager(self.backend, ttl=self.config.lease_ttl)
 
         def store(prefix: str, key_prefix: str) -> SyncStore:

@@ -152,7 +152,7 @@ class SyncStore:
             await self._wake.wait()
             self._wake.clear()
             if self.metrics is not None:
-                self.metrics.sync_queue.labels(self.name).set(len(self._dirty))
+                self.metrics.queue_size(self.name, len(self._dirty))
             try:
                 await self._drain()
                 backoff = 0.1
@@ -243,7 +243,7 @@ class SyncStore:
                         failure = failure or task.exception()
                         self._requeue(keys)
                 if self.metrics is not None:
-                    self.metrics.sync_queue.labels(self.name).set(len(self._dirty))
+                    self.metrics.queue_size(self.name, len(self._dirty))
         finally:
             for task, keys in running.items():  # cancelled: what is not known to be written stays dirty
                 task.cancel()
@@ -307,4 +307,4 @@ class SyncStore:
         self._canary_written = True
         self.synced.set()
         if self.metrics is not None:
-            self.metrics.initial_sync_done.labels(self.name).set(1)
+            self.metrics.initial_sync_completed(self.name, "write")

@@ -159,6 +159,8 @@ class WatchStore(Generic[T]):
         if self._recheck_after_list:
             self._recheck_after_list = False
             self.recheck(entries=True)
+        if not self.synced.is_set() and self.metrics is not None:
+            self.metrics.initial_sync_completed(self.name, "read")
         self.synced.set()
         self.live.set()
         self._flush_metrics()

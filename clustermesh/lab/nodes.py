@@ -14,6 +14,8 @@ from clustermesh.lab.underlay import attach
 __all__ = ["add_node_namespace", "start_agent", "start_relay"]
 
 HUBBLE_PORT = 4244  # Hubble's port: every node's flow service
+AGENT_METRICS_PORT = 9962  # Cilium's agent's Prometheus port
+RELAY_METRICS_PORT = 9966  # Hubble Relay's
 
 
 def add_node_namespace(ctx: LabContext, node: NodeLayout) -> None:
@@ -66,6 +68,7 @@ def start_relay(ctx: LabContext, cluster: int) -> None:
             "--tls-client-cert-file", str(paths.cert), "--tls-client-key-file", str(paths.key),
             "--tls-hubble-server-ca-files", str(ctx.pki(cluster).ca.cert),
             "--api-socket", str(ctx.relay_socket(cluster)), "--refresh", "2",
+            "--metrics-address", f"{ctx.layout.cluster(cluster).control_plane_ip}:{RELAY_METRICS_PORT}",
         ],
         r"listening on ",
     )  # fmt: skip
@@ -91,6 +94,7 @@ def start_agent(ctx: LabContext, node: NodeLayout) -> None:
             "--wireguard-interface", node.wireguard_interface, "--wireguard-port", str(WIREGUARD_PORT),
             "--pod-supernet", POD_SUPERNET, "--identity-gc-grace", "60", *ipsec, *hubble_credentials(ctx, node),
             "--bpf-pin-dir", str(ctx.layout.bpf_dir / node.name),
+            "--metrics-address", f"{node.ip}:{AGENT_METRICS_PORT}",
             "--cgroup-root", str(cgroups.make(cgroups.node_cgroup(ctx.layout.name, node.name))),
             *ctx.state.agent_args,
         ],
