@@ -1,4 +1,6 @@
-"""The relay: every node's flows, of every connected cluster, merged, over mutual TLS; nodes it cannot read named.
+"""Seeing the mesh: the relay (every node's flows, of every connected cluster, merged, over mutual TLS; nodes it
+cannot read named) and the metrics of every process (scraped from inside the lab, parsed with Prometheus' own text
+parser; the Grafana dashboard names only metrics they export).
 
 One lab of 2 clusters x 1 node (vxlan), a relay per cluster in its control plane's namespace (as `lab up` starts
 them). Flows come from a ping across the clusters, seen by both nodes.
@@ -8,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 import certs
 from clustermesh.daemon.tls import hubble_server_name
@@ -124,3 +129,89 @@ def test_a_node_that_cannot_be_read_is_named_then_read_again(lab: LabHandle) -> 
         return "c2/c2-node-1" not in stderr, stderr
 
     wait_until("the node is read again", back, timeout=40, every=1)
+
+
+# --- metrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "clustermesh.json"
+SCRAPE = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+            "gauge": (), "summary": ("_count", "_sum"), "unknown": ()}  # fmt: skip
+
+
+def scrape(namespace: str, address: str) -> dict[str, Metric]:
+    result = in_netns(namespace, PYTHON, "-c", SCRAPE, f"http://{address}/metrics")
+    assert result.returncode == 0, describe(result)
+    return {family.name: family for family in text_string_to_metric_families(result.stdout)}
+
+
+def value(families: dict[str, Metric], name: str, **labels: str) -> float | None:
+    for family in families.values():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+@pytest.fixture(scope="module")
+def scraped(lab: LabHandle) -> dict[str, dict[str, Metric]]:
+    node = lab.node("c1-node-1")
+    found = {"agent": scrape(node.netns, f"{node.ip}:9962")}
+    found["apiserver"] = scrape(f"{LAB}-c1-cp", "192.168.1.2:9962")
+    found["relay"] = scrape(f"{LAB}-c1-cp", "192.168.1.2:9966")
+    return found
+
+
+def test_the_agent_exports_cilium_s_clustermesh_and_datapath_metrics(lab: LabHandle) -> None:
+    node = lab.node("c1-node-1")
+
+    def ready() -> tuple[bool, object]:
+        agent = scrape(node.netns, f"{node.ip}:9962")
+        seen = value(agent, "cilium_clustermesh_remote_cluster_readiness_status", target_cluster="c2")
+        return seen == 1.0, seen
+
+    wait_until("c1's agent reports c2 ready", ready)
+    agent = scrape(node.netns, f"{node.ip}:9962")
+    labels = {"source_cluster": "c1", "source_node_name": "c1-node-1"}
+    assert value(agent, "cilium_clustermesh_remote_clusters", **labels) == 1.0
+    assert value(agent, "cilium_clustermesh_remote_cluster_nodes", target_cluster="c2") == 1.0
+    assert (value(agent, "cilium_clustermesh_remote_cluster_endpoints", target_cluster="c2") or 0) >= 1
+    assert value(agent, "cilium_clustermesh_remote_cluster_failures", target_cluster="c2") == 0.0
+    assert value(agent, "cilium_kvstore_initial_sync_completed", scope="nodes", source_cluster="c2",
+                 action="read") == 1.0  # fmt: skip
+    assert (value(agent, "cilium_forward_count_total", direction="EGRESS") or 0) > 0, "the ping left c1's pod"
+    assert (value(agent, "hubble_flows_processed_total", verdict="FORWARDED", protocol="ICMPv4") or 0) > 0
+
+
+def test_the_apiserver_and_the_relay_export_theirs(lab: LabHandle, scraped: dict[str, dict[str, Metric]]) -> None:
+    apiserver = scraped["apiserver"]
+    assert value(apiserver, "cilium_clustermesh_apiserver_kvstore_initial_sync_completed", scope="nodes",
+                 source_cluster="c1", action="write") == 1.0  # fmt: skip
+    assert value(apiserver, "cilium_clustermesh_apiserver_kvstore_sync_queue_size", scope="nodes",
+                 source_cluster="c1") == 0.0  # fmt: skip
+
+    def both_connected() -> tuple[bool, object]:
+        relay = scrape(f"{LAB}-c1-cp", "192.168.1.2:9966")
+        seen = value(relay, "hubble_relay_pool_peer_connection_status", status="connected")
+        return seen == 2.0, seen
+
+    wait_until("c1's relay reads both nodes", both_connected)
+    relay = scrape(f"{LAB}-c1-cp", "192.168.1.2:9966")
+    assert (value(relay, "clustermesh_relay_flows_received_total", cluster="c2") or 0) > 0
+
+
+def test_every_query_of_the_grafana_dashboard_names_a_metric_the_project_exports(
+    scraped: dict[str, dict[str, Metric]],
+) -> None:
+    exported = set()
+    for families in scraped.values():
+        for family in families.values():
+            exported |= {family.name, *(family.name + suffix for suffix in SUFFIXES.get(family.type, ()))}
+            exported |= {sample.name for sample in family.samples}
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(queries) >= 15
+    for query in queries:
+        names = set(re.findall(r"\b((?:cilium|hubble|clustermesh)_[a-z0-9_]+)\b", query))
+        assert names, f"no metric in {query!r}"
+        assert names <= exported, f"{query!r} names {sorted(names - exported)}, which nothing exports"
