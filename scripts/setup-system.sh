@@ -25,6 +25,8 @@ PACKAGES=(
   linux-libc-dev  # linux/bpf.h and the kernel's UAPI headers
   bpftool         # loads the objects, pins their programs and maps
   nftables        # bench/policy.py: the nftables baseline of a policy
+  chromium        # the browser test of `clustermesh ui` (headless)
+  chromium-driver # chromedriver, through which Selenium drives it
 )
 # From bookworm-backports (Debian's own archive): wireguard-go 0.0.20231211 has UDP GSO/GRO and TUN offloads, about
 # 5x the throughput of bookworm's 0.0.20220316 on these machines (DESIGN section 8).

@@ -4,7 +4,7 @@ One module per command group; `root` holds the group itself and what the command
 registers every command.
 """
 
-from clustermesh.cli import certs, connect, contexts, demo, etcd, lab, policy, resources, services, status
+from clustermesh.cli import certs, connect, contexts, demo, etcd, lab, policy, resources, services, status, ui
 from clustermesh.cli.root import Controls, cli, main
 
 __all__ = ["Controls", "cli", "main"]
@@ -20,4 +20,5 @@ _COMMANDS = (
     resources,
     services,
     status,
+    ui,
 )  # imported for their registrations

@@ -1,6 +1,7 @@
-"""Seeing the mesh: the relay (every node's flows, of every connected cluster, merged, over mutual TLS; nodes it
-cannot read named) and the metrics of every process (scraped from inside the lab, parsed with Prometheus' own text
-parser; the Grafana dashboard names only metrics they export).
+"""Seeing the mesh: the browser page of `clustermesh ui` (in Debian's headless Chromium, driven by Selenium; a
+screenshot kept in test-artifacts/ui-map.png), the relay (every node's flows, of every connected cluster, merged,
+over mutual TLS; nodes it cannot read named) and the metrics of every process (scraped from inside the lab, parsed
+with Prometheus' own text parser; the Grafana dashboard names only metrics they export).
 
 One lab of 2 clusters x 1 node (vxlan), a relay per cluster in its control plane's namespace (as `lab up` starts
 them). Flows come from a ping across the clusters, seen by both nodes.
@@ -12,6 +13,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import certs
 from clustermesh.daemon.tls import hubble_server_name
 from clustermesh.lab import netns
-from tests.e2e.labtools import PYTHON, LabHandle, clustermesh, describe, in_netns, lab_owned, wait_until
+from tests.e2e.labtools import CLI, PYTHON, LabHandle, clustermesh, describe, in_netns, lab_owned, stop, wait_until
+from tests.e2e.policytools import PolicyLab
 
 LAB = "e2erly"
 
@@ -215,3 +219,93 @@ def test_every_query_of_the_grafana_dashboard_names_a_metric_the_project_exports
         names = set(re.findall(r"\b((?:cilium|hubble|clustermesh)_[a-z0-9_]+)\b", query))
         assert names, f"no metric in {query!r}"
         assert names <= exported, f"{query!r} names {sorted(names - exported)}, which nothing exports"
+
+
+# --- the page, in a real browser
+
+ARTIFACTS = Path(os.environ.get("CLUSTERMESH_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+#: c2's pods take ingress from `app=nobody` only: c1's ping is dropped at c2's node (POLICY_DENIED)
+DENY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: only-nobody, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: lab}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: nobody}}]
+"""
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def ui_url(lab: LabHandle) -> Iterator[str]:
+    process = subprocess.Popen([str(CLI), "ui", "--lab", LAB, "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("clustermesh ui: http://127.0.0.1:"), line
+        yield line.split()[2]
+    finally:
+        stop(process)
+
+
+def test_the_page_shows_the_clusters_a_flow_and_a_drop_within_seconds_and_its_filter_narrows_the_table(
+    lab: LabHandle, ui_url: str, browser: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    PolicyLab.of(lab).apply("c2", DENY)
+    target = lab.pod_ip("c2/pod-1-1")
+
+    def dropped() -> tuple[bool, object]:
+        ping = in_netns(f"{LAB}-c1-pod-1-1", "ping", "-c", "1", "-W", "1", target)
+        return ping.returncode != 0, ping.stdout
+
+    wait_until("c1's ping to c2's pod is dropped by the policy", dropped, timeout=20)
+    browser.get(ui_url)
+    started = time.monotonic()
+    wait = WebDriverWait(browser, 15)
+    wait.until(lambda d: {e.get_attribute("data-cluster") for e in d.find_elements(By.CSS_SELECTOR, ".cluster")}
+               == {"c1", "c2"})  # fmt: skip
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "path.edge.dropped"))
+    shown = time.monotonic() - started
+    cards = {e.get_attribute("data-cluster"): e.text for e in browser.find_elements(By.CSS_SELECTOR, ".cluster")}
+    assert "c2: connected" in cards["c1"] and "ready" in cards["c1"], cards
+    edge = browser.find_element(By.CSS_SELECTOR, "path.edge.dropped").get_attribute("data-edge")
+    assert edge == "c1/default/app=lab -> c2/default/app=lab", edge
+    assert "Policy denied" in browser.find_element(By.ID, "graph").text or "POLICY_DENIED" in browser.find_element(
+        By.ID, "graph").text  # fmt: skip
+    rows = browser.find_elements(By.CSS_SELECTOR, "#flows tbody tr")
+    assert any("FORWARDED" in r.text for r in rows) and any("DROPPED" in r.text for r in rows)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "ui-map.png"))
+    print(f"screenshot: {ARTIFACTS / 'ui-map.png'} (the map and flows {shown:.1f} s after the page was opened)")
+
+    browser.find_element(By.ID, "filter").send_keys("POLICY_DENIED")
+
+    def only_drops(driver: Any) -> bool:
+        found = driver.find_elements(By.CSS_SELECTOR, "#flows tbody tr")
+        return bool(found) and all(r.get_attribute("class") == "DROPPED" for r in found)
+
+    wait.until(only_drops)
+    narrowed = browser.find_elements(By.CSS_SELECTOR, "#flows tbody tr")
+    assert 0 < len(narrowed) < len(rows), (len(narrowed), len(rows))
+    assert "of" in browser.find_element(By.ID, "count").text

@@ -1,0 +1,44 @@
+"""What the page draws, from flows: workloads by cluster, namespace and app; edges counted by verdict with the drop
+reasons; replies not drawn as edges of their own; the table's rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clustermesh.ui.graph import flow_row, graph
+
+
+def side(cluster: str, app: str | None, pod: str = "p", namespace: str = "shop") -> dict[str, Any]:
+    labels = [f"k8s:io.cilium.k8s.policy.cluster={cluster}"] + ([f"k8s:app={app}"] if app else [])
+    return {"cluster_name": cluster, "namespace": namespace, "pod_name": pod, "labels": labels}
+
+
+def flow(source: dict[str, Any], destination: dict[str, Any], verdict: str = "FORWARDED", **extra: Any) -> dict:
+    body = {"verdict": verdict, "IP": {"source": "10.1.1.10", "destination": "10.2.1.10"}, "source": source,
+            "destination": destination, "l4": {"TCP": {"destination_port": 8080}}, **extra}  # fmt: skip
+    return {"flow": body, "node_name": "c2/n1", "time": "2026-12-07T10:00:00Z"}
+
+
+def test_edges_between_workloads_count_verdicts_and_name_drop_reasons() -> None:
+    client, server = side("c2", "client"), side("c1", "server")
+    documents = [
+        flow(client, server),
+        flow(client, server, "DROPPED", drop_reason_desc="POLICY_DENIED"),
+        flow(client, side("c1", "server", pod="other")),  # another pod of the same workload
+        flow(server, client, is_reply=True),
+    ]
+    drawn = graph(documents, ["c1", "c2", "c3"])
+    assert drawn["clusters"] == ["c1", "c2", "c3"], "every cluster gets its column, even one with no flow"
+    assert [n["id"] for n in drawn["nodes"]] == ["c1/shop/app=server", "c2/shop/app=client"]
+    [edge] = drawn["edges"]
+    assert edge == {"source": "c2/shop/app=client", "destination": "c1/shop/app=server", "forwarded": 2,
+                    "dropped": 1, "reasons": ["POLICY_DENIED"]}  # fmt: skip
+
+
+def test_an_endpoint_without_an_app_label_is_its_pod_or_reserved_label_or_address() -> None:
+    world = {"labels": ["reserved:world"]}
+    documents = [flow(side("c1", None, pod="db-0"), world)]
+    assert [n["id"] for n in graph(documents)["nodes"]] == ["?/-/reserved:world", "c1/shop/db-0"]
+    row = flow_row(documents[0])
+    assert (row["source"], row["destination"], row["port"], row["protocol"]) == (
+        "c1/shop/db-0", "?/-/reserved:world", 8080, "TCP")  # fmt: skip
