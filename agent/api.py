@@ -32,6 +32,7 @@ from agent.datapath.pods import PodAttachment, PodNetwork, host_veth
 from agent.endpoints import EndpointManager, EndpointRequest, InvalidRequest
 from agent.enforcement import CIDR_IDENTITY_BASE, Enforcer, LocalEndpoint
 from agent.flows import FlowLog
+from agent.health import HealthProber
 from agent.identities import IdentityAllocator
 from agent.mesh import Mesh
 from agent.metrics import AgentMetrics
@@ -165,6 +166,7 @@ def routes(
     flows: FlowLog | None = None,
     allocator: Callable[[], IdentityAllocator | None] = lambda: None,
     lb: Callable[[], LoadBalancer | None] = lambda: None,
+    health: Callable[[], HealthProber | None] = lambda: None,
 ) -> dict[str, Route]:
     def needs_manager(handler: Callable[[Request, EndpointManager], Awaitable[Response]]) -> Route:
         """The handler, once the agent's store is there; `starting` before (the caller retries)."""
@@ -204,6 +206,25 @@ def routes(
                 return fail(400, "invalid", f"wait={wait!r} is not a number of seconds")
             await mesh.wait_ready(seconds)
         document = mesh.status()
+        prober = health()
+        if prober is not None:
+            for cluster in document.clusters:
+                if cluster.local and not any(h.cluster == cluster.name for h in prober.nodes.values()):
+                    continue
+                cluster.health = prober.cluster(cluster.name)
+                unreachable, probing = cluster.health["unreachable"], cluster.health["probing"]
+                if unreachable or probing:  # the data path decides, whatever the control plane says
+                    code = "datapath-unreachable" if unreachable else "datapath-probing"
+                    message = f"cluster {cluster.name}: " + (
+                        f"nodes unreachable through the data path: {', '.join(unreachable)}"
+                        if unreachable
+                        else f"probing {', '.join(probing)} through the data path"
+                    )
+                    cluster.ready = False
+                    cluster.not_ready.append(code)
+                    document.problems.append(Problem(code, message))
+                    document.not_ready.append(message)
+                    document.ready = False
         if datapath is not None:
             document.datapath = datapath()
             error = (document.datapath.details.get("policy") or {}).get("error")

@@ -39,6 +39,7 @@ from agent.dns import DnsServer
 from agent.endpoints import EndpointKeeper, EndpointManager
 from agent.enforcement import POLICY_KINDS, Enforcer
 from agent.flows import FlowLog
+from agent.health import HEALTH_PORT, HealthProber
 from agent.identities import IdentityAllocator, IdentityCollector
 from agent.mesh import Mesh
 from agent.metrics import CiliumClusterMeshMetrics, DatapathCounters, PolicyProblems
@@ -105,6 +106,8 @@ class AgentSettings:
     dns: bool = True  # answer DNS for the node's pods on its router address
     hubble_address: tuple[str, int] | None = None  # the flow service, for relays (mutual TLS)
     hubble_tls: ssl.SSLContext | None = None
+    health_checking: bool = True  # with a datapath: probe every other node through it
+    health_port: int = HEALTH_PORT
 
 
 class LocalServices:
@@ -167,6 +170,17 @@ class Agent:
                 mtu=self.driver.mtu,
             )
             if self.driver is not None and settings.pod_cidrs
+            else None
+        )
+        self.health = (
+            HealthProber(
+                self.mesh.view,
+                self.node_key,
+                self.pods.router_ip,
+                port=settings.health_port,
+                on_change=self.mesh.changed.set,
+            )
+            if self.pods is not None and settings.health_checking
             else None
         )
         self.loaded: Loaded | None = None
@@ -363,6 +377,7 @@ class Agent:
                 datapath=self.datapath_status,
                 enforcer=lambda: self.enforcer,
                 flows=self.flows,
+                health=lambda: self.health,
                 allocator=lambda: self.allocator,
                 lb=lambda: self.lb,
             )
@@ -388,6 +403,8 @@ class Agent:
                 log.error("cannot prepare this node for pods: %s", exc)
         if self.router is not None:
             jobs.append(self.router.run())
+        if self.health is not None:
+            jobs.append(self.health.run())
         if self.lb is not None and self.pods is not None and self.settings.dns:
             self.dns = DnsServer(self.pods.router_ip, self.lb.resolve, registry=self.registry)
             try:
@@ -556,6 +573,17 @@ def _boot_id() -> str:
 @click.option("--hubble-tls-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--hubble-tls-client-ca-files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The CA (repeat for several) a relay's client certificate must chain to.")  # fmt: skip
+@click.option("--enable-health-checking/--disable-health-checking", "health_checking", default=True,
+              show_default=True, help="(Cilium's flag) With a datapath: probe every other node of the mesh through "
+              "it (ICMP to its router address, TCP to its health port); a cluster whose nodes cannot be reached is "
+              "not ready.")  # fmt: skip
+@click.option(
+    "--cluster-health-port",
+    "health_port",
+    default=HEALTH_PORT,
+    show_default=True,
+    help="(Cilium's flag) The TCP port every agent's health prober listens on and connects to.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def main(**params: Any) -> None:
     """Run the node agent: publish this node, read every cluster of the mesh, serve the status."""
@@ -601,6 +629,8 @@ def main(**params: Any) -> None:
         dns=params["dns"],
         hubble_address=hubble,
         hubble_tls=hubble_tls,
+        health_checking=params["health_checking"],
+        health_port=params["health_port"],
     )
     try:
         agent = Agent(settings)

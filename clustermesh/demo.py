@@ -6,7 +6,9 @@ connect`); `clustermesh status` of a node of each cluster; a ping and an HTTP re
 pod of cluster c2; the WireGuard peers of a node (`wg show`), with their handshakes and bytes; then network policy in
 eBPF: a CiliumNetworkPolicy that lets only `app=client` pods of cluster c2 reach `app=server` in c1 on port 8080, a
 client that gets through, an intruder that is refused, what the agent enforces (`clustermesh policy get`) and the drop
-as `clustermesh observe` shows it, with both sides' labels; `clustermesh lab down`.
+as `clustermesh observe` shows it, with both sides' labels, on the server's node and then through the relay from every
+node of both clusters; a global service answered from both clusters, then from c1 alone once c2's backend is gone;
+`clustermesh lab down` (`--keep` keeps the lab for `clustermesh ui --lab demo`, which the demo points at).
 A lab left by an earlier demo that crashed is removed first; the lab is removed at the end, also on an error or
 Ctrl-C. Needs root (network namespaces); `clustermesh demo --control-plane` shows the control plane without it.
 """
@@ -181,6 +183,15 @@ def _policy(lab: Lab, workdir: Path) -> None:
         flows = _cli("observe", "--socket", str(lab.socket(node)), "--to-label", "app=server", "--verdict", verdict,
                      "--last", "1")  # fmt: skip
         output.out.print(flows.rstrip(), markup=False, highlight=False)
+    _say("The same flows seen by every node of both clusters, through c1's relay (mutual TLS to each node's :4244)",
+         f"clustermesh observe --lab {LAB} --to-label app=server --last 4")  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:  # the relay reads each node within a moment
+        flows = _cli("observe", "--lab", LAB, "--to-label", "app=server", "--last", "4")
+        if ("[c1/" in flows and "[c2/" in flows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    output.out.print(flows.rstrip(), markup=False, highlight=False)
 
 
 WEB_SERVER = """
@@ -248,7 +259,7 @@ def _global_service(lab: Lab, workdir: Path) -> None:
             server.stop(grace=1)
 
 
-def main() -> None:
+def main(*, keep: bool = False) -> None:
     require_root()
     started = time.monotonic()
     layout = LabLayout(LAB, clusters=2, nodes=2, pods=2, routing="wireguard")
@@ -268,8 +279,14 @@ def main() -> None:
             _policy(lab, Path(workdir))
             _global_service(lab, Path(workdir))
     finally:
-        _say(
-            "Removing the lab: every process, namespace, socket and file it made", f"clustermesh lab down --name {LAB}"
-        )
-        down(LAB, progress=output.step)
+        if not keep:
+            _say("Removing the lab: every process, namespace, socket and file it made",
+                 f"clustermesh lab down --name {LAB}")  # fmt: skip
+            down(LAB, progress=output.step)
     output.out.print(f"\n[bold green]demo done in {time.monotonic() - started:.0f} s[/]")
+    if keep:
+        output.out.print(f"The lab is kept. See the mesh in your browser: [bold]clustermesh ui --lab {LAB}[/] "
+                         f"(then http://127.0.0.1:12000/), and remove it with: clustermesh lab down {LAB}")  # fmt: skip
+    else:
+        output.out.print("To see the mesh live in your browser: [bold]clustermesh demo --keep[/], then "
+                         f"[bold]clustermesh ui --lab {LAB}[/] and open http://127.0.0.1:12000/")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -17,7 +18,7 @@ from clustermesh import output
 from clustermesh.daemon import client
 from clustermesh.model.api import AgentStatus, ApiError, decode_status
 
-__all__ = ["AgentUnreachable", "fetch_status", "render_status"]
+__all__ = ["AgentUnreachable", "connectivity", "fetch_status", "render_status"]
 
 
 class AgentUnreachable(Exception):
@@ -59,6 +60,33 @@ async def fetch_status(socket: Path, *, wait: float | None = None) -> AgentStatu
         raise AgentUnreachable(f"the agent at {socket} answered something that is not a status: {exc}") from None
 
 
+def connectivity(status: AgentStatus) -> dict[str, Any]:
+    """cilium-cli's `clustermesh status -o json` shape for this node's agent (`total` agents: this one), plus the
+    data path: per remote cluster its nodes reached by this node's probes and their latency."""
+    remotes = [c for c in status.clusters if not c.local]
+    ready = sum(c.ready for c in remotes)
+    errors = {c.name: [c.refused or c.last_error or "; ".join(c.not_ready) or "not ready"]
+              for c in remotes if not c.ready}  # fmt: skip
+    services = sum(c.counts.get("services", 0) for c in remotes)
+    return {
+        "connected": {"min": ready, "avg": float(ready), "max": ready},
+        "global_services": {"min": services, "avg": float(services), "max": services},
+        "clusters": {c.name: {"total": 1, "ready": int(c.ready)} for c in remotes},
+        "total": 1,
+        "not_ready": 0 if status.ready else 1,
+        "errors": {status.node: errors} if errors else {},
+        "datapath": {c.name: c.health for c in status.clusters if c.health is not None},
+    }
+
+
+def _datapath(health: dict[str, Any] | None) -> str:
+    if health is None:
+        return "-"
+    text = f"{health['reachable']}/{health['total']}"
+    latency = health.get("latency_ms")
+    return f"{text} {latency['avg']:.1f}ms" if latency else text
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -89,12 +117,13 @@ def render_status(status: AgentStatus) -> None:
                 sum(c.rejected.values()),
                 c.reconnections,
                 f"{c.heartbeat_age:.0f}s" if c.heartbeat_age is not None else "-",
+                _datapath(c.health),
                 error,
             )
         )
     output.print_table(
         ["CLUSTER", "ID", "CONNECTED", "READY", "SYNCED", "NODES", "ENDPOINTS", "IDENTITIES", "SERVICES", "REJECTED",
-         "RECONNECTS", "HEARTBEAT", "LAST ERROR"],
+         "RECONNECTS", "HEARTBEAT", "DATAPATH", "LAST ERROR"],
         rows,
     )  # fmt: skip
     for problem in status.problems:

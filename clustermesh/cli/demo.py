@@ -23,7 +23,12 @@ from clustermesh.cli.root import cli
     default=None,
     help="With --control-plane: where to keep the PKI and etcd data (default: a temporary folder, removed).",
 )
-def demo(control_plane: bool, workdir: Path | None) -> None:
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Keep the lab at the end, to look at it with `clustermesh ui --lab demo` (then `lab down demo`).",
+)
+def demo(control_plane: bool, workdir: Path | None, keep: bool) -> None:
     """Run the demo: a two-cluster lab, pods talking across clusters over WireGuard, then removed (needs root)."""
     if control_plane:
         from clustermesh import demo_control_plane
@@ -32,4 +37,4 @@ def demo(control_plane: bool, workdir: Path | None) -> None:
         return
     from clustermesh import demo as lab_demo
 
-    _lab_errors(lab_demo.main)
+    _lab_errors(lambda: lab_demo.main(keep=keep))

@@ -26,7 +26,7 @@ def status_command(socket_path: Path, wait: bool, timeout: float, output_format:
 
     Exits 0 when ready, 1 when not (so scripts can wait with --wait), 2 when no agent answers.
     """
-    from clustermesh.status import AgentUnreachable, fetch_status, render_status
+    from clustermesh.status import AgentUnreachable, connectivity, fetch_status, render_status
 
     try:
         status = asyncio.run(fetch_status(socket_path, wait=timeout if wait else None))
@@ -34,7 +34,7 @@ def status_command(socket_path: Path, wait: bool, timeout: float, output_format:
         output.err.print(f"[red]error:[/] {exc}")
         raise SystemExit(2) from None
     if output_format == "json":
-        output.print_json(msgspec.to_builtins(status))
+        output.print_json({**msgspec.to_builtins(status), "connectivity": connectivity(status)})
     else:
         render_status(status)
     raise SystemExit(0 if status.ready else 1)

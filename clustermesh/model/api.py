@@ -71,6 +71,8 @@ class ClusterStatus(msgspec.Struct, kw_only=True):
     last_error_age: float | None = None
     heartbeat_age: float | None = None
     not_ready: list[str] = msgspec.field(default_factory=list)
+    #: The data path to this cluster's nodes as this node's health prober sees them (None without a datapath).
+    health: dict[str, Any] | None = None
     problems: list[Problem] = msgspec.field(default_factory=list)
 
 

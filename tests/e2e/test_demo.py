@@ -28,6 +28,9 @@ def test_demo_shows_cross_cluster_traffic_over_wireguard_and_cleans_up() -> None
     dropped = [line for line in out.splitlines() if "DROPPED Policy denied" in line]
     assert forwarded and "(k8s:app=client, c2) -> shop/server:8080 (k8s:app=server, c1)" in forwarded[0], out
     assert dropped and "shop/intruder" in dropped[0] and "(k8s:app=intruder, c2)" in dropped[0], out
+    relayed = out.partition("through c1's relay")[2].partition("A backend web")[0]
+    assert "[c1/c1-node-" in relayed and "[c2/c2-node-" in relayed, "the relay gives both clusters' nodes' flows"
+    assert "clustermesh ui --lab demo" in out, "the demo points at the browser map"
     before, _, after = out.partition("c2's backend goes")
     both = before.split("12 requests by name")[-1]
     assert "in cluster c1" in both and "in cluster c2" in both, "the global service answered from both clusters"

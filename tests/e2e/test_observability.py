@@ -309,3 +309,49 @@ def test_the_page_shows_the_clusters_a_flow_and_a_drop_within_seconds_and_its_fi
     narrowed = browser.find_elements(By.CSS_SELECTOR, "#flows tbody tr")
     assert 0 < len(narrowed) < len(rows), (len(narrowed), len(rows))
     assert "of" in browser.find_element(By.ID, "count").text
+
+
+# --- status that tests the data path
+
+
+def agent_status(lab: LabHandle) -> tuple[int, dict[str, Any]]:
+    socket = f"/run/clustermesh-lab/{LAB}/c1-node-1/agent.sock"
+    result = clustermesh("status", "--socket", socket, "-o", "json", timeout=30)
+    assert result.returncode in (0, 1), describe(result)
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_status_probes_every_node_and_a_cluster_whose_nodes_cannot_be_reached_is_not_ready(lab: LabHandle) -> None:
+    def reached() -> tuple[bool, object]:
+        code, document = agent_status(lab)
+        health = document["connectivity"]["datapath"].get("c2") or {}
+        return code == 0 and health.get("reachable") == 1 and health.get("latency_ms") is not None, health
+
+    wait_until("c1-node-1 reaches c2's node through the data path", reached)
+    _, document = agent_status(lab)
+    connectivity = document["connectivity"]
+    assert connectivity["clusters"] == {"c2": {"total": 1, "ready": 1}} and connectivity["not_ready"] == 0
+    assert connectivity["connected"] == {"min": 1, "avg": 1.0, "max": 1}
+    [node] = connectivity["datapath"]["c2"]["nodes"]
+    assert node["name"] == "c2/c2-node-1" and node["state"] == "reachable" and node["tcp_ms"] is not None, node
+    # c2's node drops the tunnel's packets: etcd and the control plane are untouched, the data path is not
+    block = ["nft", "add", "table", "inet", "e2eblock", ";", "add", "chain", "inet", "e2eblock", "input",
+             "{ type filter hook input priority -10 ; }", ";", "add", "rule", "inet", "e2eblock", "input",
+             "udp", "dport", "8472", "drop"]  # fmt: skip
+    result = in_netns(f"{LAB}-c2-n1", "nft", " ".join(block[1:]))
+    assert result.returncode == 0, describe(result)
+    try:
+
+        def unreachable() -> tuple[bool, object]:
+            code, document = agent_status(lab)
+            c2 = next(c for c in document["clusters"] if c["name"] == "c2")
+            return code == 1 and c2["connected"] and "datapath-unreachable" in c2["not_ready"], c2
+
+        wait_until("c2 is not ready from c1 while its node cannot be reached", unreachable, timeout=20)
+        _, document = agent_status(lab)
+        assert document["connectivity"]["not_ready"] == 1
+        assert "c2" in document["connectivity"]["errors"]["c1-node-1"]
+        assert any(p["code"] == "datapath-unreachable" for p in document["problems"])
+    finally:
+        in_netns(f"{LAB}-c2-n1", "nft", "delete", "table", "inet", "e2eblock")
+    wait_until("c2 is ready again once its node is reached", reached, timeout=20)
