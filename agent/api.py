@@ -221,7 +221,8 @@ def routes(
                         else f"probing {', '.join(probing)} through the data path"
                     )
                     cluster.ready = False
-                    cluster.not_ready.append(code)
+                    cluster.not_ready.append(message)
+                    cluster.problems.append(Problem(code, message))
                     document.problems.append(Problem(code, message))
                     document.not_ready.append(message)
                     document.ready = False

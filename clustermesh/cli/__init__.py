@@ -4,7 +4,20 @@ One module per command group; `root` holds the group itself and what the command
 registers every command.
 """
 
-from clustermesh.cli import certs, connect, contexts, demo, etcd, lab, policy, resources, services, status, ui
+from clustermesh.cli import (
+    certs,
+    connect,
+    contexts,
+    demo,
+    etcd,
+    lab,
+    policy,
+    resources,
+    services,
+    status,
+    troubleshoot,
+    ui,
+)
 from clustermesh.cli.root import Controls, cli, main
 
 __all__ = ["Controls", "cli", "main"]
@@ -20,5 +33,6 @@ _COMMANDS = (
     resources,
     services,
     status,
+    troubleshoot,
     ui,
 )  # imported for their registrations

@@ -345,13 +345,22 @@ def test_status_probes_every_node_and_a_cluster_whose_nodes_cannot_be_reached_is
         def unreachable() -> tuple[bool, object]:
             code, document = agent_status(lab)
             c2 = next(c for c in document["clusters"] if c["name"] == "c2")
-            return code == 1 and c2["connected"] and "datapath-unreachable" in c2["not_ready"], c2
+            codes = [problem["code"] for problem in c2["problems"]]
+            return code == 1 and c2["connected"] and "datapath-unreachable" in codes, c2
 
         wait_until("c2 is not ready from c1 while its node cannot be reached", unreachable, timeout=20)
         _, document = agent_status(lab)
         assert document["connectivity"]["not_ready"] == 1
         assert "c2" in document["connectivity"]["errors"]["c1-node-1"]
         assert any(p["code"] == "datapath-unreachable" for p in document["problems"])
+        socket = f"/run/clustermesh-lab/{LAB}/c1-node-1/agent.sock"
+        result = clustermesh("troubleshoot", "c2", "--socket", socket, "-o", "json")
+        assert result.returncode == 1, describe(result)
+        hops = {hop["name"]: hop for hop in json.loads(result.stdout)["clusters"]["c2"]}
+        assert hops["data path"]["state"] == "failed" and "c2/c2-node-1" in hops["data path"]["evidence"], hops
+        assert hops["tunnel peer"]["state"] == "ok" and hops["heartbeat"]["state"] == "ok", hops
+        text = clustermesh("troubleshoot", "--socket", socket)
+        assert "data path" in text.stdout and "FAILED" in text.stdout and "fix:" in text.stdout, describe(text)
     finally:
         in_netns(f"{LAB}-c2-n1", "nft", "delete", "table", "inet", "e2eblock")
     wait_until("c2 is ready again once its node is reached", reached, timeout=20)
