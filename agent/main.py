@@ -20,7 +20,6 @@ import ipaddress
 import logging
 import signal
 import socket
-import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ from bpf.events import RingReader, follow_records
 from bpf.loader import BuildError, Loaded, LoadError, build, cgroup2_mount
 from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait, run_together
-from clustermesh.daemon.tls import server_context
+from clustermesh.daemon.tls import ReloadingContext, server_context
 from clustermesh.model import converters
 from clustermesh.model.api import DatapathStatus
 from clustermesh.model.clusters import ClusterInfo
@@ -105,7 +104,7 @@ class AgentSettings:
     cgroup_root: Path | None = None  # where this node's pods' processes live (default: the cgroup v2 mount)
     dns: bool = True  # answer DNS for the node's pods on its router address
     hubble_address: tuple[str, int] | None = None  # the flow service, for relays (mutual TLS)
-    hubble_tls: ssl.SSLContext | None = None
+    hubble_tls: ReloadingContext | None = None
     health_checking: bool = True  # with a datapath: probe every other node through it
     health_port: int = HEALTH_PORT
 
@@ -390,12 +389,16 @@ class Agent:
         if self.settings.hubble_address is not None:
             host, port = self.settings.hubble_address
             flow_service = {"/v1/flows": api.flows_route(self.flows), "/v1/peers": api.peers_route(self.mesh, port)}
-            servers.append(HttpEndpoint(host, port, routes=flow_service, ssl=self.settings.hubble_tls))
+            tls = self.settings.hubble_tls
+            flow_server = HttpEndpoint(host, port, routes=flow_service, ssl=tls.context if tls else None)
+            servers.append(flow_server)
         for server in servers:
             await server.start()
             scheme = "https" if server.ssl is not None else "http"
             log.info("listening on %s", f"{scheme}://{server.address}" if server.unix_path is None else server.address)
         jobs = [self.mesh.run(), self._local_jobs()]
+        if self.settings.hubble_address is not None and self.settings.hubble_tls is not None:
+            jobs.append(self._follow_tls(flow_server, self.settings.hubble_tls))
         if self.pods is not None:
             try:
                 await self.pods.setup_node()
@@ -423,6 +426,14 @@ class Agent:
                 await server.stop()
             if self.dns is not None:
                 await self.dns.stop()
+
+    @staticmethod
+    async def _follow_tls(server: HttpEndpoint, tls: ReloadingContext) -> None:
+        """Rotated flow-service certificates (or a new CA bundle) taken up without a restart."""
+        while True:
+            await asyncio.sleep(tls.period)
+            if tls.changed():
+                await server.use_tls(tls.context)
 
     @staticmethod
     async def _follow_flows(loaded: Loaded, flows: FlowLog) -> None:
@@ -472,7 +483,7 @@ def make_driver(settings: AgentSettings, key_path: Path) -> Driver:
     raise click.UsageError(f"unknown --datapath {settings.datapath!r}")
 
 
-def _flow_service(params: dict[str, Any]) -> tuple[tuple[str, int] | None, ssl.SSLContext | None]:
+def _flow_service(params: dict[str, Any]) -> tuple[tuple[str, int] | None, ReloadingContext | None]:
     """The flow service's address and TLS context, or a clear ValueError (it never runs without mutual TLS)."""
     address = params["hubble_listen_address"]
     if not address:
@@ -482,7 +493,8 @@ def _flow_service(params: dict[str, Any]) -> tuple[tuple[str, int] | None, ssl.S
     if None in files or not params["hubble_tls_client_ca_files"]:
         raise ValueError("--hubble-listen-address needs --hubble-tls-cert-file, --hubble-tls-key-file and "
                          "--hubble-tls-client-ca-files: the flow service speaks mutual TLS only")  # fmt: skip
-    return (host, port), server_context(files[0], files[1], list(params["hubble_tls_client_ca_files"]))
+    cert, key, cas = files[0], files[1], list(params["hubble_tls_client_ca_files"])
+    return (host, port), ReloadingContext(lambda: server_context(cert, key, cas), [cert, key, *cas])
 
 
 def _boot_id() -> str:

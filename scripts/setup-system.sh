@@ -43,6 +43,14 @@ for pkg in "${BACKPORTS[@]}"; do
   installed "$pkg" && dpkg-query -W -f='${Version}' "$pkg" | grep -q bpo || missing_backports+=("$pkg")
 done
 
+# `localhost` must resolve: chromedriver (the browser test) talks to Chromium through it. A minimal Debian root
+# (debootstrap) has no /etc/hosts at all; a machine that has one keeps it untouched.
+if ! getent hosts localhost >/dev/null 2>&1; then
+  echo "setup: /etc/hosts does not name localhost: adding Debian's default lines"
+  printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' | \
+    { if [ "$(id -u)" -eq 0 ]; then tee -a /etc/hosts; else sudo tee -a /etc/hosts; fi; } >/dev/null
+fi
+
 if [ ${#missing[@]} -eq 0 ] && [ ${#missing_backports[@]} -eq 0 ]; then
   exit 0
 fi

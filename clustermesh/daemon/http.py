@@ -22,6 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+SSLContext = ssl.SSLContext
+
 __all__ = [
     "HttpEndpoint",
     "Request",
@@ -111,6 +113,14 @@ class HttpEndpoint:
             return
         self.server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.ssl)
         self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def use_tls(self, context: SSLContext) -> None:
+        """New connections get `context` (rotated certificates): the listener is opened again on the same port;
+        connections already open go on with the old one."""
+        self.ssl = context
+        if self.server is not None and self.unix_path is None:
+            self.server.close()
+            self.server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.ssl)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -6,10 +6,16 @@ certificate of that CA: the flow service tells what every pod of a node talks to
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TlsFilesError", "client_context", "hubble_server_name", "server_context"]
+__all__ = ["ReloadingContext", "TlsFilesError", "client_context", "hubble_server_name", "server_context"]
+
+log = logging.getLogger(__name__)
 
 
 class TlsFilesError(ValueError):
@@ -51,3 +57,50 @@ def hubble_server_name(cluster: str, node: str) -> str:
     """The name a node's flow service certificate carries, as Hubble's peer service names it:
     `<node>.<cluster>.hubble-grpc.cilium.io`, dots in either name turned into hyphens."""
     return f"{node.replace('.', '-')}.{cluster.replace('.', '-')}.hubble-grpc.cilium.io"
+
+
+class ReloadingContext:
+    """A TLS context that follows its files: rotated certificates (or a new CA bundle) are taken up by the next
+    connection, no restart. The files are looked at no more than once a `period`; a set of files that does not load
+    (caught half-written, or wrong) keeps the last good context and is logged."""
+
+    def __init__(self, build: Callable[[], ssl.SSLContext], files: list[Path], *, period: float = 1.0) -> None:
+        self.build = build
+        self.files = files
+        self.period = period
+        self.context = build()
+        self.fingerprint = self._fingerprint()
+        self.reloads = 0
+        self._checked = time.monotonic()
+
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path in self.files:
+            try:
+                digest.update(path.read_bytes())
+            except OSError:
+                digest.update(b"missing")
+        return digest.hexdigest()
+
+    def current(self) -> ssl.SSLContext:
+        now = time.monotonic()
+        if now - self._checked < self.period:
+            return self.context
+        self._checked = now
+        fingerprint = self._fingerprint()
+        if fingerprint != self.fingerprint:
+            self.fingerprint = fingerprint  # a broken set is told once, and tried again when it changes
+            try:
+                self.context = self.build()
+            except TlsFilesError as exc:
+                log.warning("TLS files changed but do not load (the last good ones stay in use): %s", exc)
+                return self.context
+            self.reloads += 1
+            log.info("TLS files changed: new connections use them (%s)", ", ".join(str(p) for p in self.files))
+        return self.context
+
+    def changed(self) -> bool:
+        """True once when the context was rebuilt since the last call (a server restarts its listener then)."""
+        before = self.reloads
+        self.current()
+        return self.reloads != before

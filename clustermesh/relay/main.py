@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from clustermesh.daemon.http import HttpEndpoint, Request, Response, json_response, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait
-from clustermesh.daemon.tls import TlsFilesError, client_context
+from clustermesh.daemon.tls import ReloadingContext, TlsFilesError, client_context
 from clustermesh.relay.relay import Relay
 
 __all__ = ["main"]
@@ -103,8 +103,9 @@ def main(**params: Any) -> None:
     """Run the relay: every node's flows, of every connected cluster, merged in time order."""
     logging.basicConfig(level=params["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        tls = client_context(params["tls_client_cert_file"], params["tls_client_key_file"],
-                             list(params["tls_hubble_server_ca_files"]))  # fmt: skip
+        cert, key = params["tls_client_cert_file"], params["tls_client_key_file"]
+        cas = list(params["tls_hubble_server_ca_files"])
+        tls = ReloadingContext(lambda: client_context(cert, key, cas), [cert, key, *cas])
         metrics = parse_address(params["metrics_address"]) if params["metrics_address"] else None
     except (TlsFilesError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None

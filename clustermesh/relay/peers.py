@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class Peer:
 @dataclass
 class PeerFollower:
     peer: Peer
-    target: client.TlsTarget
+    context: Callable[[], ssl.SSLContext]  # asked at each request: rotated certificates are taken up at once
     deliver: Callable[[Peer, list[dict[str, Any]]], None]
     history: int = 1000
     wait: float = 5.0
@@ -56,7 +57,9 @@ class PeerFollower:
             path = (f"/v1/flows?since=0&last={self.history}" if self.next < 0
                     else f"/v1/flows?since={self.next}&wait={self.wait}")  # fmt: skip
             try:
-                answer = await client.request(self.target, "GET", path, connect_timeout=3, timeout=self.wait + 10)
+                host, _, port = self.peer.address.rpartition(":")
+                target = client.TlsTarget(host, int(port), self.context(), self.peer.tls_server_name)
+                answer = await client.request(target, "GET", path, connect_timeout=3, timeout=self.wait + 10)
                 document = answer.json()
                 if answer.status != 200:
                     error = document.get("error") if isinstance(document, dict) else document

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from clustermesh.daemon import client
 from clustermesh.daemon.tasks import cancel_and_wait
+from clustermesh.daemon.tls import ReloadingContext
 from clustermesh.relay.peers import Peer, PeerFollower
 
 __all__ = ["Relay"]
@@ -30,7 +31,7 @@ class Relay:
     def __init__(
         self,
         peer_service: Path,
-        client_tls: ssl.SSLContext,
+        client_tls: ssl.SSLContext | ReloadingContext,
         *,
         capacity: int = 20000,
         refresh: float = 5.0,
@@ -51,6 +52,9 @@ class Relay:
                                 registry=registry)  # fmt: skip
         self.peer_status = Gauge("hubble_relay_pool_peer_connection_status", "Nodes followed, by connection status",
                                  ["status"], registry=registry)  # fmt: skip
+
+    def _tls(self) -> ssl.SSLContext:
+        return self.client_tls.current() if isinstance(self.client_tls, ReloadingContext) else self.client_tls
 
     # --- following
 
@@ -84,9 +88,7 @@ class Relay:
             log.info("node %s: no longer followed", name)
         for name, peer in wanted.items():
             if name not in self.followers:
-                host, _, port = peer.address.rpartition(":")
-                target = client.TlsTarget(host, int(port), self.client_tls, peer.tls_server_name)
-                follower = PeerFollower(peer, target, self._deliver, history=self.history)
+                follower = PeerFollower(peer, self._tls, self._deliver, history=self.history)
                 self.followers[name] = (follower, asyncio.create_task(follower.run(), name=f"relay-{name}"))
         self._count_states()
 

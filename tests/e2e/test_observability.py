@@ -364,3 +364,55 @@ def test_status_probes_every_node_and_a_cluster_whose_nodes_cannot_be_reached_is
     finally:
         in_netns(f"{LAB}-c2-n1", "nft", "delete", "table", "inet", "e2eblock")
     wait_until("c2 is ready again once its node is reached", reached, timeout=20)
+
+
+# --- certificates rotated under a running relay
+
+SERIAL = """
+import socket, ssl, sys
+host, name, ca, cert, key = sys.argv[1:6]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.load_verify_locations(ca)
+context.load_cert_chain(cert, key)
+with socket.create_connection((host, 4244), timeout=5) as raw, context.wrap_socket(raw, server_hostname=name) as tls:
+    print(tls.getpeercert()["serialNumber"])
+"""
+
+
+def test_rotated_flow_service_and_relay_certificates_are_taken_up_without_a_restart(lab: LabHandle) -> None:
+    state = Path(f"/run/clustermesh-lab/{LAB}")
+    node = lab.node("c2-node-1")
+    ca_file = state / "c1" / "pki" / "ca.crt"
+    relay_cert = certs.CertPaths.in_dir(state / "c1" / "relay-certs", "client")
+    server_cert = certs.CertPaths.in_dir(state / node.name / "hubble-certs", "server")
+    name = hubble_server_name("c2", node.name)
+
+    def presented() -> str:
+        result = in_netns(f"{LAB}-c1-cp", PYTHON, "-c", SERIAL, node.ip, name, str(ca_file), str(relay_cert.cert),
+                          str(relay_cert.key))  # fmt: skip
+        assert result.returncode == 0, describe(result)
+        return result.stdout.strip()
+
+    before = presented()
+    processes = {pid: Path(f"/proc/{pid}/stat").read_text().split()[21]
+                 for pid in netns.processes_in([f"{LAB}-c1-cp", node.netns])}  # fmt: skip
+    ca = certs.load_issued(certs.CertPaths(ca_file, state / "c1" / "pki" / "ca.key"))
+    certs.write_issued(certs.issue_server(ca, f"hubble-{node.name}", hosts=[name, node.ip]), server_cert)
+    certs.write_issued(certs.issue_client(ca, "hubble-relay"), relay_cert)
+
+    def rotated() -> tuple[bool, object]:
+        now = presented()
+        return now != before, now
+
+    wait_until("c2's flow service presents its new certificate", rotated, timeout=15)
+    ping = in_netns(f"{LAB}-c2-pod-1-1", "ping", "-c", "1", "-W", "1", lab.pod_ip("c1/pod-1-1"))
+    assert ping.returncode == 0, describe(ping)
+
+    def read_again() -> tuple[bool, object]:
+        flows, stderr = observe("--node", "c2/*", "--since", "20s")
+        return any(f["flow"]["IP"]["source"] == lab.pod_ip("c2/pod-1-1") for f in flows) and not stderr, stderr
+
+    wait_until("the relay reads c2's node with the new certificates on both sides", read_again, timeout=20)
+    after = {pid: Path(f"/proc/{pid}/stat").read_text().split()[21]
+             for pid in netns.processes_in([f"{LAB}-c1-cp", node.netns])}  # fmt: skip
+    assert after == processes, "no process restarted"

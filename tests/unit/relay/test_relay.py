@@ -11,7 +11,6 @@ import click
 import pytest
 
 from clustermesh.cli.policy import _moment, in_window
-from clustermesh.daemon import client
 from clustermesh.relay.peers import Peer, PeerFollower
 from clustermesh.relay.relay import Relay
 
@@ -44,8 +43,7 @@ async def test_a_node_and_the_peer_service_that_cannot_be_read_are_named() -> No
     await merged.refresh_peers()
     assert merged.unreachable() == [f"peer service {merged.peer_service}: {merged.peer_service_error}"]
     assert "nothing answers" in merged.peer_service_error
-    follower = PeerFollower(PEER_1, client.TlsTarget("127.0.0.1", 1, merged.client_tls, PEER_1.tls_server_name),
-                            merged._deliver)  # fmt: skip
+    follower = PeerFollower(PEER_1, merged._tls, merged._deliver)
     follower.state, follower.error = "unreachable", "connection refused"
     merged.followers[PEER_1.name] = (follower, None)  # type: ignore[assignment]
     assert "c1/n1: connection refused" in merged.unreachable()
@@ -59,3 +57,25 @@ def test_observe_windows_by_node_glob_and_time() -> None:
     assert in_window(flow("c2/n1", "2099-01-01T00:00:00Z"), {"node": None, "since": _moment("5m"), "until": None})
     with pytest.raises(click.BadParameter):
         _moment("yesterday")
+
+
+def test_a_reloading_context_takes_up_rotated_files_and_keeps_the_last_good_ones(tmp_path: Path) -> None:
+    import certs
+    from clustermesh.daemon.tls import ReloadingContext, TlsFilesError, client_context
+
+    ca = certs.create_ca("mesh")
+    paths = certs.CertPaths.in_dir(tmp_path, "relay")
+    certs.write_issued(ca, certs.CertPaths.in_dir(tmp_path, "ca"))
+    certs.write_issued(certs.issue_client(ca, "hubble-relay"), paths)
+    ca_file = tmp_path / "ca.crt"
+    reloading = ReloadingContext(lambda: client_context(paths.cert, paths.key, [ca_file]),
+                                 [paths.cert, paths.key, ca_file], period=0)  # fmt: skip
+    first = reloading.current()
+    assert reloading.current() is first, "files unchanged: the same context"
+    certs.write_issued(certs.issue_client(ca, "hubble-relay"), paths)  # rotated in place
+    assert reloading.changed() and reloading.current() is not first
+    paths.key.write_text("not a key")  # caught half-written
+    kept = reloading.current()
+    assert kept is reloading.context and not reloading.changed(), "the last good context stays"
+    with pytest.raises(TlsFilesError):
+        client_context(paths.cert, paths.key, [ca_file])
