@@ -52,7 +52,7 @@ from bpf.events import RingReader, follow_records
 from bpf.loader import BuildError, Loaded, LoadError, build, cgroup2_mount
 from clustermesh.daemon.http import HttpEndpoint, metrics_route, parse_address
 from clustermesh.daemon.tasks import cancel_and_wait, run_together
-from clustermesh.daemon.tls import ReloadingContext, server_context
+from clustermesh.daemon.tls import ServerTlsFiles
 from clustermesh.model import converters
 from clustermesh.model.api import DatapathStatus
 from clustermesh.model.clusters import ClusterInfo
@@ -104,7 +104,7 @@ class AgentSettings:
     cgroup_root: Path | None = None  # where this node's pods' processes live (default: the cgroup v2 mount)
     dns: bool = True  # answer DNS for the node's pods on its router address
     hubble_address: tuple[str, int] | None = None  # the flow service, for relays (mutual TLS)
-    hubble_tls: ReloadingContext | None = None
+    hubble_tls: ServerTlsFiles | None = None
     health_checking: bool = True  # with a datapath: probe every other node through it
     health_port: int = HEALTH_PORT
 
@@ -390,15 +390,14 @@ class Agent:
             host, port = self.settings.hubble_address
             flow_service = {"/v1/flows": api.flows_route(self.flows), "/v1/peers": api.peers_route(self.mesh, port)}
             tls = self.settings.hubble_tls
-            flow_server = HttpEndpoint(host, port, routes=flow_service, ssl=tls.context if tls else None)
-            servers.append(flow_server)
+            servers.append(HttpEndpoint(host, port, routes=flow_service, tls=tls.context if tls else None))
         for server in servers:
             await server.start()
-            scheme = "https" if server.ssl is not None else "http"
+            scheme = "https" if server.tls is not None else "http"
             log.info("listening on %s", f"{scheme}://{server.address}" if server.unix_path is None else server.address)
         jobs = [self.mesh.run(), self._local_jobs()]
-        if self.settings.hubble_address is not None and self.settings.hubble_tls is not None:
-            jobs.append(self._follow_tls(flow_server, self.settings.hubble_tls))
+        if self.settings.hubble_tls is not None:
+            jobs.append(self._follow_tls(self.settings.hubble_tls))
         if self.pods is not None:
             try:
                 await self.pods.setup_node()
@@ -428,12 +427,12 @@ class Agent:
                 await self.dns.stop()
 
     @staticmethod
-    async def _follow_tls(server: HttpEndpoint, tls: ReloadingContext) -> None:
-        """Rotated flow-service certificates (or a new CA bundle) taken up without a restart."""
+    async def _follow_tls(tls: ServerTlsFiles) -> None:
+        """Rotated flow-service certificates (or CAs added to the bundle) taken up without a restart."""
         while True:
-            await asyncio.sleep(tls.period)
-            if tls.changed():
-                await server.use_tls(tls.context)
+            await asyncio.sleep(1.0)
+            if tls.refresh():
+                log.info("flow service: new connections use the rotated certificates")
 
     @staticmethod
     async def _follow_flows(loaded: Loaded, flows: FlowLog) -> None:
@@ -483,7 +482,7 @@ def make_driver(settings: AgentSettings, key_path: Path) -> Driver:
     raise click.UsageError(f"unknown --datapath {settings.datapath!r}")
 
 
-def _flow_service(params: dict[str, Any]) -> tuple[tuple[str, int] | None, ReloadingContext | None]:
+def _flow_service(params: dict[str, Any]) -> tuple[tuple[str, int] | None, ServerTlsFiles | None]:
     """The flow service's address and TLS context, or a clear ValueError (it never runs without mutual TLS)."""
     address = params["hubble_listen_address"]
     if not address:
@@ -494,7 +493,7 @@ def _flow_service(params: dict[str, Any]) -> tuple[tuple[str, int] | None, Reloa
         raise ValueError("--hubble-listen-address needs --hubble-tls-cert-file, --hubble-tls-key-file and "
                          "--hubble-tls-client-ca-files: the flow service speaks mutual TLS only")  # fmt: skip
     cert, key, cas = files[0], files[1], list(params["hubble_tls_client_ca_files"])
-    return (host, port), ReloadingContext(lambda: server_context(cert, key, cas), [cert, key, *cas])
+    return (host, port), ServerTlsFiles(cert, key, cas)
 
 
 def _boot_id() -> str:

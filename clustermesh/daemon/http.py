@@ -96,7 +96,9 @@ class HttpEndpoint:
     port: int = 0
     routes: dict[str, Route] = field(default_factory=dict)
     unix_path: Path | None = None
-    ssl: ssl.SSLContext | None = None  # TCP only: TLS (mutual, when the context requires client certificates)
+    #: TCP only: TLS (mutual, when the context requires client certificates); certificates loaded into this same
+    #: context later (rotation) are used by the next connection
+    tls: SSLContext | None = None
     server: asyncio.Server | None = None
 
     @property
@@ -111,16 +113,8 @@ class HttpEndpoint:
             self.server = await asyncio.start_unix_server(self._serve, str(self.unix_path))
             os.chmod(self.unix_path, 0o660)
             return
-        self.server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.ssl)
+        self.server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.tls)
         self.port = int(self.server.sockets[0].getsockname()[1])
-
-    async def use_tls(self, context: SSLContext) -> None:
-        """New connections get `context` (rotated certificates): the listener is opened again on the same port;
-        connections already open go on with the old one."""
-        self.ssl = context
-        if self.server is not None and self.unix_path is None:
-            self.server.close()
-            self.server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.ssl)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -13,7 +13,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ReloadingContext", "TlsFilesError", "client_context", "hubble_server_name", "server_context"]
+__all__ = [
+    "ReloadingContext",
+    "ServerTlsFiles",
+    "TlsFilesError",
+    "client_context",
+    "hubble_server_name",
+    "server_context",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +111,29 @@ class ReloadingContext:
         before = self.reloads
         self.current()
         return self.reloads != before
+
+
+class ServerTlsFiles:
+    """A server's TLS context that stays one object (its listener holds it) while its files rotate: `refresh()`
+    loads changed files into it, so the next connection presents the new certificate and trusts the CAs added (a
+    bundle of old and new rolls a CA; a CA taken out of the bundle is still trusted until a restart, as OpenSSL only
+    adds to a context's store)."""
+
+    def __init__(self, cert: Path, key: Path, client_cas: list[Path]) -> None:
+        self.cert, self.key, self.client_cas = cert, key, client_cas
+        self.context = server_context(cert, key, client_cas)
+        self.watch = ReloadingContext(lambda: server_context(cert, key, client_cas), [cert, key, *client_cas],
+                                      period=0)  # fmt: skip
+
+    def refresh(self) -> bool:
+        """Load the files into the context if they changed and load (checked on a scratch context first)."""
+        if not self.watch.changed():
+            return False
+        try:
+            for ca in self.client_cas:
+                self.context.load_verify_locations(cafile=str(ca))
+            self.context.load_cert_chain(str(self.cert), str(self.key))
+        except (ssl.SSLError, OSError) as exc:  # cannot happen after the scratch load, but a file may move again
+            log.warning("TLS files changed but could not be loaded: %s", exc)
+            return False
+        return True
