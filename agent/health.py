@@ -122,7 +122,7 @@ class HealthProber:
 
     async def run(self) -> None:
         await self.serve()
-        subscription = self.view.subscribe()
+        subscription = self.view.subscribe(kinds=["node"])
         try:
             while True:
                 await self.probe_once()
@@ -130,8 +130,7 @@ class HealthProber:
                 wait = min(self.interval, 0.5) if any(h.failures for h in self.nodes.values()) else self.interval
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
-                        while not any(change.kind == "node" for change in await subscription.drain()):
-                            pass
+                        await subscription.drain()
         finally:
             subscription.close()
             if self._server is not None:

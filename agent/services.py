@@ -231,7 +231,7 @@ class LoadBalancer:
 
     async def run(self, listed: asyncio.Event) -> None:
         """Until cancelled: once the Services and EndpointSlices are listed, keep the maps in step."""
-        subscription = self.view.subscribe()
+        subscription = self.view.subscribe(kinds=["service"])
         try:
             await listed.wait()
             self._wake.set()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -69,8 +70,9 @@ class Subscription:
     a waiter future for each of them.
     """
 
-    def __init__(self, view: MergedView) -> None:
+    def __init__(self, view: MergedView, kinds: frozenset[Kind] | None = None) -> None:
         self._view = view
+        self.kinds = kinds  # None: every kind
         self.pending: deque[Change] = deque()
         self._ready = asyncio.Event()
 
@@ -122,8 +124,9 @@ class MergedView:
 
     # --- subscribers
 
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(self)
+    def subscribe(self, kinds: Iterable[Kind] | None = None) -> Subscription:
+        """Every change from now on, or those of `kinds` only (a prober of nodes is not handed a million endpoints)."""
+        subscription = Subscription(self, frozenset(kinds) if kinds is not None else None)
         self._subscribers.append(subscription)
         return subscription
 
@@ -134,8 +137,9 @@ class MergedView:
     def _emit(self, change: Change) -> None:
         self.changes += 1
         for subscription in self._subscribers:
-            subscription.pending.append(change)
-            subscription.wake()
+            if subscription.kinds is None or change.kind in subscription.kinds:
+                subscription.pending.append(change)
+                subscription.wake()
 
     # --- lookups
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 
 import certs
 from clustermesh.daemon.tls import hubble_server_name
@@ -25,13 +26,20 @@ def add_node_namespace(ctx: LabContext, node: NodeLayout) -> None:
         netns.ip("route", "replace", node.pod_cidr, "via", node.ip, netns=ctx.layout.world_netns)
 
 
+def _issue(
+    ctx: LabContext, cluster: int, paths: certs.CertPaths, issue: Callable[[certs.Issued], certs.Issued]
+) -> None:
+    """A certificate of the lab's CA (which every cluster shares), written where a process of the lab reads it."""
+    paths.cert.parent.mkdir(parents=True, exist_ok=True)
+    certs.write_issued(issue(certs.load_issued(ctx.pki(cluster).ca)), paths)
+
+
 def ipsec_credentials(ctx: LabContext, node: NodeLayout) -> list[str]:
-    """The node's IKE certificate (its IP is its identity) from the lab's CA, which every cluster shares."""
+    """The node's IKE certificate (its IP is its identity)."""
     directory = ctx.node_dir(node) / "ipsec-certs"
-    ca = certs.load_issued(ctx.pki(node.cluster).ca)
     paths = certs.CertPaths.in_dir(directory, "node")
-    directory.mkdir(parents=True, exist_ok=True)
-    certs.write_issued(certs.issue_server(ca, f"ipsec-{node.name}", hosts=[node.ip, node.name]), paths)
+    _issue(ctx, node.cluster, paths,
+           lambda ca: certs.issue_server(ca, f"ipsec-{node.name}", hosts=[node.ip, node.name]))  # fmt: skip
     ca_file = directory / "ca.crt"
     shutil.copyfile(ctx.pki(node.cluster).ca.cert, ca_file)
     return ["--ipsec-cert", str(paths.cert), "--ipsec-key", str(paths.key), "--ipsec-ca", str(ca_file)]
@@ -40,12 +48,9 @@ def ipsec_credentials(ctx: LabContext, node: NodeLayout) -> list[str]:
 def hubble_credentials(ctx: LabContext, node: NodeLayout) -> list[str]:
     """The node's flow service: its certificate names it as Hubble's peer service does, and only clients of the lab's
     CA (the relays) may read it."""
-    directory = ctx.node_dir(node) / "hubble-certs"
-    ca = certs.load_issued(ctx.pki(node.cluster).ca)
-    paths = certs.CertPaths.in_dir(directory, "server")
-    directory.mkdir(parents=True, exist_ok=True)
+    paths = certs.CertPaths.in_dir(ctx.node_dir(node) / "hubble-certs", "server")
     name = hubble_server_name(f"c{node.cluster}", node.name)
-    certs.write_issued(certs.issue_server(ca, f"hubble-{node.name}", hosts=[name, node.ip]), paths)
+    _issue(ctx, node.cluster, paths, lambda ca: certs.issue_server(ca, f"hubble-{node.name}", hosts=[name, node.ip]))
     ca_file = str(ctx.pki(node.cluster).ca.cert)
     return ["--hubble-listen-address", f":{HUBBLE_PORT}", "--hubble-tls-cert-file", str(paths.cert),
             "--hubble-tls-key-file", str(paths.key), "--hubble-tls-client-ca-files", ca_file]  # fmt: skip
@@ -54,11 +59,8 @@ def hubble_credentials(ctx: LabContext, node: NodeLayout) -> list[str]:
 def start_relay(ctx: LabContext, cluster: int) -> None:
     """The cluster's relay, in its control plane's namespace: the nodes to follow come from its first node's agent
     (whose merged view names every node of every connected cluster); readers ask on `relay.sock`."""
-    directory = ctx.state_dir / f"c{cluster}" / "relay-certs"
-    ca = certs.load_issued(ctx.pki(cluster).ca)
-    paths = certs.CertPaths.in_dir(directory, "client")
-    directory.mkdir(parents=True, exist_ok=True)
-    certs.write_issued(certs.issue_client(ca, "hubble-relay"), paths)
+    paths = certs.CertPaths.in_dir(ctx.state_dir / f"c{cluster}" / "relay-certs", "client")
+    _issue(ctx, cluster, paths, lambda ca: certs.issue_client(ca, "hubble-relay"))
     first = min((n for n in ctx.state.node_layouts() if n.cluster == cluster), key=lambda n: n.index)
     child = ctx.child(
         f"relay-c{cluster}",

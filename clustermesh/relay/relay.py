@@ -108,10 +108,9 @@ class Relay:
     # --- reading
 
     def since(self, after: int, last: int | None = None) -> list[tuple[int, dict[str, Any]]]:
-        found = [(number, flow) for number, flow in self.flows if number > after]
-        if last:
-            found = sorted(found, key=lambda item: str(item[1].get("time", "")))[-last:]
-        return sorted(found, key=lambda item: str(item[1].get("time", "")))
+        found = sorted(((number, flow) for number, flow in self.flows if number > after),
+                       key=lambda item: str(item[1].get("time", "")))  # fmt: skip
+        return found[-last:] if last else found
 
     async def wait(self, after: int, timeout: float) -> None:
         try:

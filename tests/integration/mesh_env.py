@@ -9,8 +9,9 @@ condition on it, on events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,38 @@ def shared_ca_pki(base: Path, names: list[str]) -> dict[str, certs.ClusterPKI]:
             certs.write_issued(certs.issue_client(ca, user), pki.user(user))
         result[name] = pki
     return result
+
+
+@contextlib.contextmanager
+def running_clusters(base: Path, names: list[str]) -> Iterator[dict[str, MeshCluster]]:
+    """An etcd process per cluster (one CA for all), stopped at the end: what a test module shares."""
+    pkis = shared_ca_pki(base, names)
+    made: dict[str, MeshCluster] = {}
+    try:
+        for index, name in enumerate(names, start=1):
+            made[name] = MeshCluster(name, index, base, pkis[name])
+            made[name].process.start()
+        yield made
+    finally:
+        for cluster in made.values():
+            cluster.process.stop()
+
+
+@contextlib.asynccontextmanager
+async def fresh_mesh(clusters: dict[str, MeshCluster]) -> AsyncIterator[dict[str, MeshCluster]]:
+    """Every cluster's etcd running and emptied (users kept for every peer), c1's and c2's apiservers started; the
+    apiservers stopped at the end: what each test starts from."""
+    for cluster in clusters.values():
+        if not cluster.process.running:  # a test that failed half-way may have left it stopped
+            cluster.process.start()
+        await cluster.reset(peers=[n for n in clusters if n != cluster.name])
+    await clusters["c1"].start_apiserver()
+    await clusters["c2"].start_apiserver()
+    try:
+        yield clusters
+    finally:
+        for cluster in clusters.values():
+            await cluster.stop_apiserver()
 
 
 class ViewRecorder:

@@ -30,10 +30,11 @@ from tests.integration.mesh_env import (
     Agent,
     MeshCluster,
     endpoint,
+    fresh_mesh,
     identity,
     node,
+    running_clusters,
     service,
-    shared_ca_pki,
     start_agent,
     wipe_dir,
 )
@@ -45,32 +46,14 @@ SERVICE = kind_by_name("Service")
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, MeshCluster]]:
-    base = tmp_path_factory.mktemp("mesh")
-    pkis = shared_ca_pki(base, NAMES)
-    made: dict[str, MeshCluster] = {}
-    try:
-        for index, name in enumerate(NAMES, start=1):
-            made[name] = MeshCluster(name, index, base, pkis[name])
-            made[name].process.start()
+    with running_clusters(tmp_path_factory.mktemp("mesh"), NAMES) as made:
         yield made
-    finally:
-        for cluster in made.values():
-            cluster.process.stop()
 
 
 @pytest.fixture
 async def mesh(clusters: dict[str, MeshCluster], tmp_path: Path) -> AsyncIterator[dict[str, MeshCluster]]:
-    for cluster in clusters.values():
-        if not cluster.process.running:  # a test that failed half-way may have left it stopped
-            cluster.process.start()
-        await cluster.reset(peers=[n for n in NAMES if n != cluster.name])
-    await clusters["c1"].start_apiserver()
-    await clusters["c2"].start_apiserver()
-    try:
-        yield clusters
-    finally:
-        for cluster in clusters.values():
-            await cluster.stop_apiserver()
+    async with fresh_mesh(clusters) as ready:
+        yield ready
 
 
 C2_STATE = (

@@ -16,37 +16,21 @@ import certs
 from clustermesh.model import keys
 from clustermesh.troubleshoot import HOPS, Hop, diagnose, diagnose_config_file
 from kvstore import etcd
-from tests.integration.mesh_env import MeshCluster, shared_ca_pki, start_agent, wipe_dir
+from tests.integration.mesh_env import MeshCluster, fresh_mesh, running_clusters, start_agent, wipe_dir
 
 NAMES = ["c1", "c2", "c3"]
 
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, MeshCluster]]:
-    base = tmp_path_factory.mktemp("troubleshoot")
-    pkis = shared_ca_pki(base, NAMES)
-    made: dict[str, MeshCluster] = {}
-    try:
-        for index, name in enumerate(NAMES, start=1):
-            made[name] = MeshCluster(name, index, base, pkis[name])
-            made[name].process.start()
+    with running_clusters(tmp_path_factory.mktemp("troubleshoot"), NAMES) as made:
         yield made
-    finally:
-        for cluster in made.values():
-            cluster.process.stop()
 
 
 @pytest.fixture
 async def mesh(clusters: dict[str, MeshCluster]) -> AsyncIterator[dict[str, MeshCluster]]:
-    for cluster in clusters.values():
-        await cluster.reset(peers=[n for n in NAMES if n != cluster.name])
-    await clusters["c1"].start_apiserver()
-    await clusters["c2"].start_apiserver()
-    try:
-        yield clusters
-    finally:
-        for cluster in clusters.values():
-            await cluster.stop_apiserver()
+    async with fresh_mesh(clusters) as ready:
+        yield ready
 
 
 async def hops_for(

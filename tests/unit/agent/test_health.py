@@ -61,3 +61,12 @@ async def test_probes_follow_the_view_and_summarise_each_cluster(monkeypatch: py
     view._delete_node("c2", "c2/n2", node("c2", "n2", "10.2.2.0/24"))
     await prober.probe_once()
     assert prober.cluster("c2")["unreachable"] == [], "a node gone from the view is no longer probed"
+
+
+def test_a_subscription_of_some_kinds_is_handed_those_only() -> None:
+    view = MergedView("c1")
+    nodes_only, everything = view.subscribe(kinds=["node"]), view.subscribe()
+    view._upsert_ipcache("c2", "10.2.1.10", wire.IPIdentityPair(IP="10.2.1.10", ID=131328))
+    view._upsert_node("c2", "c2/n1", node("c2", "n1", "10.2.1.0/24"))
+    assert [c.kind for c in nodes_only.pending] == ["node"]
+    assert [c.kind for c in everything.pending] == ["ipcache", "node"]
