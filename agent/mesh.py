@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from agent.configdir import ConfigDir, ConfigEvent, files_fingerprint
+from agent.configdir import ConfigDir, ConfigEvent
 from agent.metrics import AgentMetrics
 from agent.remotes import SHORT, ClusterRegistry, Connector, RemoteCluster
 from agent.view import KINDS, MergedView
@@ -160,6 +160,8 @@ class Mesh:
             if remote is None:
                 self._start(self._make(event.name, event.path))
                 return
+            if remote.runs_with(event.path):
+                return  # only the certificate files changed: follow_credentials takes them up, watches kept
             log.info("cluster %s: configuration changed, reconnecting", event.name)
             self._tasks[event.name] = asyncio.create_task(
                 self._run(remote, replacing=self._tasks[event.name]), name=f"cluster-{event.name}"
@@ -184,23 +186,15 @@ class Mesh:
 
     async def run(self) -> None:
         self._start(self._make(self.local.name, None, is_local=True))
-        local_files = self._local_fingerprint()
         try:
             while True:
                 if self.config_watch is not None:
                     self.config_watch.scan()
-                if (now := self._local_fingerprint()) != local_files:
-                    local_files = now
-                    log.info("the local etcd's certificate files changed: reconnecting with them")
-                    self.on_config_event(ConfigEvent("changed", self.local.name, Path()))
+                await asyncio.gather(*(remote.follow_credentials() for remote in list(self.remotes.values())))
                 self.refresh_metrics()
                 await asyncio.sleep(self.scan_interval)
         finally:
             await self.stop()
-
-    def _local_fingerprint(self) -> str:
-        config = self.local_config
-        return files_fingerprint(config.ca_file, config.cert_file, config.key_file)
 
     async def stop(self) -> None:
         tasks = [*self._tasks.values(), *self._watchers.values(), *self._removals.values()]

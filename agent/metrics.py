@@ -48,6 +48,10 @@ class AgentMetrics:
         self.config_problems = gauge(
             "config_problems", "Files of the clustermesh config directory that are not used (see status)", []
         )
+        self.tls_reloads = Counter(
+            "tls_reloads", "Rotated certificate files taken up by a running etcd session (ok) or not yet (failed)",
+            ["cluster", "result"], namespace=namespace, registry=registry,
+        )  # fmt: skip
         self.api_errors = Counter(
             "api_errors", "Errors the agent's local API answered (the CNI plugin's among them), by route and reason",
             ["route", "reason"], namespace=namespace, registry=registry,

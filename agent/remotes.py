@@ -38,7 +38,7 @@ from clustermesh.model.api import ClusterStatus, Problem
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
 from kvstore import errors
-from kvstore.backend import Backend
+from kvstore.backend import Backend, ReloadsCredentials
 from kvstore.config import EtcdConfig, load_config_file
 from kvstore.heartbeat import HEARTBEAT_MAX_AGE, HeartbeatReader
 from kvstore.metrics import KVStoreMetrics
@@ -154,6 +154,9 @@ class RemoteCluster:
         self.last_error_at: float | None = None
         self.changed = asyncio.Event()  # set on every status change
         self._drain_task: asyncio.Task[None] | None = None
+        self.backend: Backend | None = None  # the session's, while one runs
+        self.credential_reloads = 0
+        self.credentials_error: errors.KVStoreError | None = None
 
     # --- status
 
@@ -243,6 +246,9 @@ class RemoteCluster:
             last_error_reason=self.last_error.reason if self.last_error else None,
             last_error_age=round(self.clock() - self.last_error_at, 1) if self.last_error_at else None,
             heartbeat_age=round(age, 1) if (age := self.heartbeat.age()) is not None else None,
+            credentials_error=str(self.credentials_error) if self.credentials_error else None,
+            credentials_error_reason=self.credentials_error.reason if self.credentials_error else None,
+            credential_reloads=self.credential_reloads,
             not_ready=[problem.message for problem in problems],
             problems=problems,
         )
@@ -287,6 +293,7 @@ class RemoteCluster:
         backend: Backend | None = None
         try:
             backend = await self.connect(self._etcd_config())
+            self.backend = backend
             self.connected = True
             self._cancel_drain()
             self._set_changed()
@@ -311,10 +318,53 @@ class RemoteCluster:
             raise
         finally:
             self.connected = False
+            self.backend = None
+            self.credentials_error = None  # the next session reads the files anew and says what is wrong
             self._set_changed()
             if backend is not None:
                 await backend.close()
             self._schedule_drain()
+
+    # --- certificates rotated in place
+
+    def runs_with(self, config_path: Path) -> bool:
+        """A session runs with what `config_path` says now (endpoints, files): a change of the files' contents
+        only, which `follow_credentials` takes up without a new session."""
+        if self.backend is None or not isinstance(self.backend, ReloadsCredentials):
+            return False
+        try:
+            return load_config_file(config_path) == getattr(self.backend, "config", None)
+        except (OSError, ValueError, errors.KVStoreError):
+            return False
+
+    async def follow_credentials(self) -> None:
+        """Rotated TLS files into the running session, watches kept. New files that do not work (half-written,
+        mismatched, refused by etcd) are said once, counted, and tried again on the next call, while the session
+        goes on with the credentials it has."""
+        backend = self.backend
+        if backend is None or not isinstance(backend, ReloadsCredentials):
+            return
+        try:
+            reloaded = await backend.reload_credentials()
+        except errors.KVStoreError as exc:
+            if str(exc) != str(self.credentials_error):
+                log.warning("cluster %s: the rotated certificate files are not taken up yet, the session goes on "
+                            "with the ones it has: %s", self.name, exc)  # fmt: skip
+                if self.metrics is not None:
+                    self.metrics.tls_reloads.labels(self.name, "failed").inc()
+            if self.credentials_error is None or str(exc) != str(self.credentials_error):
+                self.credentials_error = exc
+                self._set_changed()
+            return
+        if self.credentials_error is not None:
+            self.credentials_error = None
+            self._set_changed()
+        if reloaded:
+            self.credential_reloads += 1
+            log.info("cluster %s: rotated certificates taken up, watches kept", self.name)
+            if self.metrics is not None:
+                self.metrics.tls_reloads.labels(self.name, "ok").inc()
+            self._set_changed()
 
     async def _check_config(self, backend: Backend) -> ClusterInfo:
         key = keys.cluster_config_key(self.name)

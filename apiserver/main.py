@@ -30,13 +30,14 @@ from prometheus_client import CollectorRegistry, Counter
 
 from apiserver.server import Apiserver, ApiserverConfig, readyz_answer
 from clustermesh.daemon.http import HttpEndpoint, Response, metrics_route, parse_address, text_route
+from clustermesh.daemon.tasks import cancel_and_wait
 from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import ModelError
 from clustermesh.model.serviceips import ServiceIPPool
 from clustermesh.resources.opening import open_resource_store
 from clustermesh.resources.store import ResourceStore
 from kvstore import errors, etcd
-from kvstore.backend import Backend
+from kvstore.backend import Backend, ReloadsCredentials
 from kvstore.config import EtcdConfig, load_config_file
 from kvstore.leases import DEFAULT_TTL
 from kvstore.reconnecting import connect_until_up
@@ -86,6 +87,13 @@ async def run(settings: ApiserverSettings) -> None:
         namespace="clustermesh",
         registry=registry,
     )
+    reloads = Counter(
+        "apiserver_tls_reloads",
+        "Rotated etcd client certificate files taken up in place (ok) or not yet (failed)",
+        ["result"],
+        namespace="clustermesh",
+        registry=registry,
+    )
     phase = Phase()
     health = HttpEndpoint(*settings.health)
     health.routes = {"/healthz": text_route(lambda: (200, "text/plain", b"ok\n")), "/readyz": text_route(phase.readyz)}
@@ -119,7 +127,11 @@ async def run(settings: ApiserverSettings) -> None:
         apiserver = Apiserver(apiserver_config, backend, resources, registry=registry)
         phase.apiserver = apiserver
         log.info("publishing cluster %s (ID %d) from the %s store", cluster.name, cluster.id, settings.source)
-        await apiserver.run()
+        following = asyncio.create_task(follow_credentials(backend, reloads), name="follow-credentials")
+        try:
+            await apiserver.run()
+        finally:
+            await cancel_and_wait([following])
     finally:
         await health.stop()
         await metrics.stop()
@@ -127,6 +139,27 @@ async def run(settings: ApiserverSettings) -> None:
             await resources.close()  # a Kubernetes store's watch threads and connection pool
         if backend is not None:
             await backend.close()
+
+
+async def follow_credentials(backend: Backend, reloads: Counter, interval: float = 2.0) -> None:
+    """Rotated certificate files into the etcd connection, every write and watch kept; files that do not work yet
+    (half-written, refused) are said once, counted, and tried again while the connection goes on with its own."""
+    if not isinstance(backend, ReloadsCredentials):
+        return
+    said: str | None = None
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if await backend.reload_credentials():
+                reloads.labels("ok").inc()
+                log.info("rotated etcd client certificates taken up, watches kept")
+            said = None
+        except errors.KVStoreError as exc:
+            if str(exc) != said:
+                reloads.labels("failed").inc()
+                log.warning("the rotated etcd certificate files are not taken up yet (going on with the current "
+                            "ones): %s", exc)  # fmt: skip
+            said = str(exc)
 
 
 async def run_until_signalled(settings: ApiserverSettings) -> None:

@@ -129,5 +129,8 @@ def render_status(status: AgentStatus) -> None:
     for problem in status.problems:
         output.out.print(f"  [yellow]not ready:[/] {problem.message} [dim]({problem.code})[/]")
     for c in status.clusters:
+        if c.credentials_error:
+            output.out.print(f"  [yellow]certificates[/] {c.name}: rotated files not taken up, the session goes on "
+                             f"with its own: {c.credentials_error}")  # fmt: skip
         for key, reason in c.rejected_keys:
             output.out.print(f"  [yellow]rejected[/] {c.name}: {key}: {reason}")

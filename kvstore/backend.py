@@ -11,7 +11,8 @@ Contract, for every implementation:
 - `watch(prefix, start_revision)` yields batches of `Upsert`/`Delete` in revision order starting at
   `start_revision`, raises `RevisionCompacted` if that history is gone and `BackendUnavailable` when the
   connection breaks; it never reconnects silently (after a break the caller must list again: the store may have
-  been wiped or restored meanwhile);
+  been wiped or restored meanwhile); the one move it makes itself is to new TLS credentials
+  (`ReloadsCredentials`), on a connection just checked, resuming right after the last revision it delivered;
 - `commit` applies its operations in one transaction, or none of them; it is never retried by the backend, because
   a transaction can apply and still report a failure;
 - keys written with a lease vanish when the lease is revoked or expires.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -29,6 +30,7 @@ from kvstore import errors
 
 __all__ = [
     "Backend",
+    "ReloadsCredentials",
     "Delete",
     "DeleteOp",
     "Entry",
@@ -91,6 +93,13 @@ class DeleteOp(msgspec.Struct, frozen=True):
 
 
 WriteOp = PutOp | DeleteOp
+
+
+@runtime_checkable
+class ReloadsCredentials(Protocol):
+    """A backend that takes up rotated certificate files in place (etcd's; the memory backend has none)."""
+
+    async def reload_credentials(self) -> bool: ...
 
 
 class Backend(Protocol):

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any, NoReturn
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core logs TLS failures to stderr; we report them ourselves
@@ -104,6 +104,11 @@ def _from_status(operation: str, user: str, code: grpc.StatusCode, details: str)
     return errors.KVStoreError(f"{operation}: etcd answered {code.name}: {details}")
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _entry(kv: Any) -> Entry:
     return Entry(kv.key.decode(), kv.value, kv.mod_revision, kv.lease, kv.version, kv.create_revision)
 
@@ -182,19 +187,65 @@ class EtcdBackend:
     def __init__(self, config: EtcdConfig, material: probing.TLSMaterial) -> None:
         self.config = config
         self.user = material.client_common_name
-        self._channel = _channel(config, material)
-        self._kv = KVService(self._channel, max_attempts=1)
-        self._auth = AuthService(self._channel, max_attempts=1)
-        self._maintenance = MaintenanceService(self._channel, max_attempts=1)
-        self._kv_stub = pb.KVStub(self._channel)
-        self._lease_stub = pb.LeaseStub(self._channel)
-        self._watch_stub = pb.WatchStub(self._channel)
         self.timeout = 10.0
+        self._material = material
+        self._watches: set[Any] = set()  # the watch calls on the current channel: moved when the channel changes
+        self._moved: set[Any] = set()  # calls cancelled by a move (their watch goes on, on the new channel)
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._use(_channel(config, material))
+
+    def _use(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._kv = KVService(channel, max_attempts=1)
+        self._auth = AuthService(channel, max_attempts=1)
+        self._maintenance = MaintenanceService(channel, max_attempts=1)
+        self._kv_stub = pb.KVStub(channel)
+        self._lease_stub = pb.LeaseStub(channel)
+        self._watch_stub = pb.WatchStub(channel)
+
+    async def reload_credentials(self) -> bool:
+        """Take up rotated TLS files without losing a watch; True when new credentials are now in use.
+
+        gRPC fixes a channel's credentials when it is made, so new files mean a new channel. It is tried first
+        (a status call): files etcd refuses, or that do not load, raise and the current channel goes on. Then every
+        call starts on the new channel; each open watch is moved to it and resumes right after the last revision
+        it delivered, so its reader sees no gap and no error. The old channel is closed once the calls still on it
+        have had time to end.
+        """
+        if probing.files_unchanged(self.config, self._material):
+            return False
+        material = probing.load_material(self.config)
+        if material.fingerprint == self._material.fingerprint:
+            return False
+        channel = _channel(self.config, material)
+        try:
+            with _translating("status with the new credentials", user=material.client_common_name):
+                await MaintenanceService(channel, max_attempts=1).status(timeout=self.config.dial_timeout)
+        except BaseException:
+            await channel.close()
+            raise
+        old_channel, old_watches = self._channel, self._watches
+        self._material, self.user, self._watches = material, material.client_common_name, set()
+        self._use(channel)
+        for call in old_watches:
+            self._moved.add(call)
+            call.cancel()
+        retiring = asyncio.create_task(self._retire(old_channel), name="etcd-retire-channel")
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
+        log.info("etcd %s: new TLS credentials in use (user %s); %d watch(es) moved",
+                 self.config.describe(), self.user, len(old_watches))  # fmt: skip
+        return True
+
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        await channel.close(grace=max(self.timeout, 60.0))  # the longest call (a list) may finish on it
 
     def __repr__(self) -> str:
         return f"<EtcdBackend {self.config.describe()} as {self.user}>"
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
         await self._channel.close()
 
     async def __aenter__(self) -> EtcdBackend:
@@ -325,6 +376,21 @@ class EtcdBackend:
     # --- watch
 
     async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[Event]]:
+        next_revision = start_revision
+        while True:
+            moved = False
+            async with contextlib.aclosing(self._watch_once(prefix, next_revision)) as batches:
+                async for batch in batches:
+                    if batch is None:
+                        moved = True
+                        continue
+                    next_revision = batch[-1].revision + 1
+                    yield batch
+            if not moved:
+                return
+
+    async def _watch_once(self, prefix: str, start_revision: int) -> AsyncGenerator[list[Event] | None, None]:
+        """One watch call; yields None (and ends) when `reload_credentials` moved it to a new channel."""
         create = pb.WatchCreateRequest(
             key=prefix.encode(), range_end=prefix_range_end(prefix), start_revision=start_revision
         )
@@ -336,29 +402,42 @@ class EtcdBackend:
             await finished.wait()  # keep our side of the stream open until the watch ends
 
         call = self._watch_stub.Watch(requests())
+        self._watches.add(call)
         try:
             with _translating(f"watch {prefix}", user=self.user):
-                async for response in call:
-                    if response.compact_revision:
-                        raise errors.RevisionCompacted(int(response.compact_revision))
-                    if response.canceled:
-                        self._raise_cancelled(prefix, response.cancel_reason)
-                    if not response.events:
-                        continue
-                    batch: list[Event] = []
-                    for event in response.events:
-                        kv = event.kv
-                        if event.type == _DELETE:
-                            batch.append(Delete(kv.key.decode(), kv.mod_revision))
-                        else:
-                            batch.append(
-                                Upsert(
-                                    kv.key.decode(), kv.value, kv.mod_revision, kv.lease, kv.version, kv.create_revision
-                                )
-                            )
-                    yield batch
+                try:
+                    async for response in call:
+                        if response.compact_revision:
+                            raise errors.RevisionCompacted(int(response.compact_revision))
+                        if response.canceled:
+                            self._raise_cancelled(prefix, response.cancel_reason)
+                        if not response.events:
+                            continue
+                        batch: list[Event] = []
+                        for event in response.events:
+                            kv = event.kv
+                            if event.type == _DELETE:
+                                batch.append(Delete(kv.key.decode(), kv.mod_revision))
+                            else:
+                                batch.append(
+                                    Upsert(
+                                        kv.key.decode(), kv.value, kv.mod_revision, kv.lease, kv.version,
+                                        kv.create_revision,
+                                    )
+                                )  # fmt: skip
+                        yield batch
+                except asyncio.CancelledError:
+                    if call not in self._moved or _being_cancelled():
+                        raise
+                    yield None
+                    return
+                if call in self._moved:
+                    yield None
+                    return
             raise errors.BackendUnavailable(f"watch {prefix}: etcd ended the stream")
         finally:
+            self._watches.discard(call)
+            self._moved.discard(call)
             finished.set()  # ends gRPC's task that feeds our requests into the stream
             call.cancel()
 

@@ -12,18 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import os
 import socket
 import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from kvstore import errors
 from kvstore.config import Endpoint, EtcdConfig
 
 __all__ = ["TLSMaterial", "load_material", "probe_endpoint"]
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 # OpenSSL verify codes (x509_vfy.h) that `ssl.SSLCertVerificationError.verify_code` carries.
 _EXPIRED = 10
@@ -54,6 +58,23 @@ class TLSMaterial:
     client_not_after: datetime.datetime
     client_common_name: str
 
+    @property
+    def fingerprint(self) -> bytes:
+        """Changes with any of the three files: a rotation to take up."""
+        return hashlib.sha256(b"\0".join((self.ca, self.cert, self.key))).digest()
+
+
+def files_unchanged(config: EtcdConfig, material: TLSMaterial) -> bool:
+    """The three files still hold what `material` was read from (a cheap test, made often)."""
+    try:
+        return (
+            config.cert_file.read_bytes() == material.cert
+            and config.key_file.read_bytes() == material.key
+            and config.ca_file.read_bytes() == material.ca
+        )
+    except OSError:
+        return False  # gone or unreadable: load_material says which
+
 
 def load_material(config: EtcdConfig, *, now: datetime.datetime | None = None) -> TLSMaterial:
     """Read and check the CA, certificate and key files; raise `BadTLSFiles` or `ClientCertificateExpired`."""
@@ -71,6 +92,14 @@ def load_material(config: EtcdConfig, *, now: datetime.datetime | None = None) -
         client = x509.load_pem_x509_certificates(contents["client certificate"])[0]
     except ValueError as exc:
         raise errors.BadTLSFiles(f"{config.cert_file} holds no PEM certificate") from exc
+    try:
+        key = serialization.load_pem_private_key(contents["key"], password=None)
+    except (ValueError, TypeError) as exc:
+        raise errors.BadTLSFiles(f"{config.key_file} holds no unencrypted PEM private key") from exc
+    if key.public_key().public_bytes(*_SPKI) != client.public_key().public_bytes(*_SPKI):
+        raise errors.BadTLSFiles(
+            f"{config.key_file} is not the key of {config.cert_file} (half-written rotation, or mixed-up files)"
+        )
     names = client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common_name = str(names[0].value) if names else ""
     now = now or datetime.datetime.now(datetime.UTC)

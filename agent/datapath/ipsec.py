@@ -33,7 +33,7 @@ from agent.datapath.helpers import stop_helper
 from agent.datapath.netlink import DatapathError
 from agent.datapath.routing import Peer
 
-__all__ = ["IPSEC_MTU", "IpsecDriver", "connection_name"]
+__all__ = ["IPSEC_MTU", "IpsecDriver", "connection_name", "split_pem"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ charon {{
 """
 IKE_PROPOSALS = ["aes128-sha256-x25519", "aes256-sha384-ecp384"]
 ESP_PROPOSALS = ["aes128gcm16", "aes256gcm16"]
+
+
+def split_pem(data: bytes) -> list[bytes]:
+    """The certificates of a PEM bundle one by one (vici takes one certificate per item; a CA being rolled is a
+    bundle of the new and the old)."""
+    marker = b"-----END CERTIFICATE-----"
+    return [part.strip() + b"\n" + marker + b"\n" for part in data.split(marker) if b"-----BEGIN" in part]
 
 
 def connection_name(peer_key: str) -> str:
@@ -115,7 +122,7 @@ class IpsecDriver:
         self.process: asyncio.subprocess.Process | None = None
         self.charon_pid: int | None = None
         self.loaded: dict[str, str] = {}  # connection name -> fingerprint of what we loaded
-        self.credentials_loaded_for: int | None = None  # the charon PID our key and CA were loaded into
+        self.credentials_loaded_for: tuple[int, str] | None = None  # (charon PID, files) our key and CAs went to
         self.sas: dict[str, str] = {}  # connection name -> "ESTABLISHED/INSTALLED" and the like
 
     @property
@@ -207,11 +214,17 @@ class IpsecDriver:
             self.charon_pid = pid
             self.loaded.clear()
             self.credentials_loaded_for = None
-        if self.credentials_loaded_for != pid:
-            ca, key = self.ca.read_bytes(), self.key.read_bytes()
-            await self._vici("load the CA", lambda s: s.load_cert({"type": "X509", "flag": "CA", "data": ca}))
+        ca, key = self.ca.read_bytes(), self.key.read_bytes()
+        loaded_for = (pid, hashlib.sha256(ca + b"\0" + key).hexdigest())
+        if self.credentials_loaded_for != loaded_for:
+            # also a rotation: new files go to the running charon (its SAs stay up); the connections, which carry
+            # the certificate and the CAs, are loaded again by `apply` because their fingerprints changed
+            for one in split_pem(ca):
+                await self._vici("load a CA", lambda s, c=one: s.load_cert({"type": "X509", "flag": "CA", "data": c}))
             await self._vici("load the node's key", lambda s: s.load_key({"type": "any", "data": key}))
-            self.credentials_loaded_for = pid
+            if self.credentials_loaded_for is not None and self.credentials_loaded_for[0] == pid:
+                log.info("ipsec: rotated certificate files loaded into charon (pid %s), its SAs kept", pid)
+            self.credentials_loaded_for = loaded_for
 
     # --- peers
 
@@ -232,7 +245,7 @@ class IpsecDriver:
             "rekey_time": "4h",
             "proposals": IKE_PROPOSALS,
             "local": {"auth": "pubkey", "certs": [self.cert.read_bytes()], "id": self.node_ip},
-            "remote": {"auth": "pubkey", "id": peer.ip, "cacerts": [self.ca.read_bytes()]},
+            "remote": {"auth": "pubkey", "id": peer.ip, "cacerts": split_pem(self.ca.read_bytes())},
             "children": {
                 "pods": {
                     "local_ts": list(self.pod_cidrs),

@@ -1,4 +1,4 @@
-"""`clustermesh certs create|issue|show`: a cluster's PKI."""
+"""`clustermesh certs create|issue|show|rotate`: a cluster's PKI, and rotating it in place."""
 
 from __future__ import annotations
 
@@ -111,3 +111,93 @@ def certs_show(paths: tuple[Path, ...], output_format: str) -> None:
             for file, info in rows
         ],
     )
+
+
+ROTATION_STEPS = {
+    "leaves": "every certificate issued again by the issuing CA",
+    "new-ca": "a new CA made; trust files now hold new and old (a bundle); the new CA issues from now on",
+    "drop-old-ca": "trust files keep only the new CA",
+}
+NEXT_STEP = {
+    "new-ca": "once every process trusts the bundle, issue every certificate from the new CA: "
+    "`clustermesh certs rotate {target}`",
+    "leaves": "",
+    "drop-old-ca": "",
+}
+ETCD_NOTE = (
+    "etcd reads its trusted CA file only when it starts (3.4, measured): restart each etcd that reads these folders "
+    "before the next step (the mesh's processes take the files up by themselves)"
+)
+
+
+@certs_group.command("rotate")
+@click.option("--dir", "directories", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="A folder of certificates to rotate (repeat; searched recursively). The CA that issues is the "
+                   "ca.crt/ca.key of these folders.")  # fmt: skip
+@click.option("--lab", "lab", default=None, help="Rotate every certificate of this lab (needs root).")
+@click.option("--new-ca", "new_ca", is_flag=True,
+              help="Step 1 of a CA roll: make a new CA and trust both it and the old one (a bundle); certificates "
+                   "are not issued yet.")  # fmt: skip
+@click.option("--drop-old-ca", "drop_old_ca", is_flag=True,
+              help="Last step of a CA roll: trust only the new CA (refused while a certificate still chains to the "
+                   "old one).")  # fmt: skip
+@click.option("--days", type=click.IntRange(min=1), default=None,
+              help="Validity of the new certificates.  [default: as long as each one had]")  # fmt: skip
+@output_option
+def certs_rotate(directories: tuple[Path, ...], lab: str | None, new_ca: bool, drop_old_ca: bool, days: int | None,
+                 output_format: str) -> None:  # fmt: skip
+    """Issue new certificates in place, with new keys; the running etcd clients (apiserver, agents), the flow
+    services, the relays and IPsec's charon take them up with no restart, their watches kept.
+
+    \b
+    Rotate the certificates of a CA (same CA, new keys):
+      clustermesh certs rotate --dir pki/
+    Roll a new CA, in three steps (no moment where a process distrusts a peer):
+      clustermesh certs rotate --dir pki/ --new-ca        # trust new + old
+      clustermesh certs rotate --dir pki/                 # issue everything from the new CA
+      clustermesh certs rotate --dir pki/ --drop-old-ca   # trust only the new CA
+    With --lab, the lab's etcds are restarted after the CA steps (etcd reads its trusted CA at start only).
+    """
+    from certs import rotation
+
+    if bool(directories) == (lab is not None):
+        raise click.UsageError("give the folders to rotate (--dir, repeatable) or --lab NAME, one of them")
+    if new_ca and drop_old_ca:
+        raise click.UsageError("--new-ca and --drop-old-ca are two steps of a CA roll: run them one at a time")
+    step = "new-ca" if new_ca else "drop-old-ca" if drop_old_ca else "leaves"
+    target = f"--lab {lab}" if lab is not None else " ".join(f"--dir {d}" for d in directories)
+    try:
+        if lab is not None:
+            from clustermesh.cli.lab import _lab_errors
+            from clustermesh.lab.lab import Lab
+
+            report = _lab_errors(lambda: Lab.existing(lab, progress=output.step).rotate_certificates(step, days=days))
+        elif step == "new-ca":
+            report = rotation.add_ca(list(directories))
+        elif step == "drop-old-ca":
+            report = rotation.drop_old_cas(list(directories))
+        else:
+            report = rotation.rotate(list(directories), days=days)
+    except (rotation.RotationError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    next_step = NEXT_STEP[step].format(target=target)
+    if output_format == "json":
+        output.print_json({
+            "step": step,
+            "reissued": [str(p) for p in report.reissued],
+            "trustFiles": [str(p) for p in report.trust_files],
+            "authorities": [str(p) for p in report.authorities],
+            "skipped": [{"file": str(p), "reason": why} for p, why in report.skipped],
+            "next": next_step,
+        })  # fmt: skip
+        return
+    output.err.print(f"{step}: {ROTATION_STEPS[step]}")
+    rows = [(str(p), "issued again") for p in report.reissued]
+    rows += [(str(p), "CA files (issuing CA and trust bundle)") for p in report.authorities]
+    rows += [(str(p), "trust bundle") for p in report.trust_files]
+    rows += [(str(p), f"left alone: {why}") for p, why in report.skipped]
+    output.print_table(["FILE", "DONE"], rows)
+    if step != "leaves" and lab is None:
+        output.err.print(ETCD_NOTE)
+    if next_step:
+        output.err.print(f"next: {next_step}")

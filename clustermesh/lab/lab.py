@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf import loader as bpf_loader
+from certs import rotation
 from clustermesh.lab import bridge, cgroups, controlplane, netns, nodes, underlay
 from clustermesh.lab.layout import MAX_NODES, LabError, LabLayout, NodeLayout
 from clustermesh.lab.pods import CNIFailed, add_pod, run_cni
@@ -183,6 +184,23 @@ class Lab(LabContext):
         asyncio.run(controlplane.wait_for_cluster_config(self, cluster))
         self.progress(f"c{cluster}: its apiserver wrote its cluster-config again")
         asyncio.run(controlplane.connect_all(self, only=f"c{cluster}"))
+
+    def rotate_certificates(self, step: str, *, days: int | None = None) -> rotation.RotationReport:
+        """Every certificate of the lab (etcd's, the users', the flow services', the relays', IPsec's) issued again,
+        or one step of a CA roll (`step`: "leaves", "new-ca", "drop-old-ca"); the processes take the files up as they
+        run. Only etcd must be restarted when the set of trusted CAs changes: it reads that file at start."""
+        require_root()
+        folders = [self.state_dir]
+        if step == "new-ca":
+            report = rotation.add_ca(folders)
+        elif step == "drop-old-ca":
+            report = rotation.drop_old_cas(folders)
+        else:
+            report = rotation.rotate(folders, days=days)
+        if step != "leaves":
+            for cluster in self.layout.all_clusters():
+                controlplane.restart_etcd(self, cluster.index)
+        return report
 
     # --- the host's shell
 

@@ -70,6 +70,11 @@ class ClusterStatus(msgspec.Struct, kw_only=True):
     last_error_reason: str | None = None
     last_error_age: float | None = None
     heartbeat_age: float | None = None
+    #: Rotated certificate files the running session could not take up (it goes on with its own), and their code.
+    credentials_error: str | None = None
+    credentials_error_reason: str | None = None
+    #: Rotations taken up by running sessions, with no reconnection.
+    credential_reloads: int = 0
     not_ready: list[str] = msgspec.field(default_factory=list)
     #: The data path to this cluster's nodes as this node's health prober sees them (None without a datapath).
     health: dict[str, Any] | None = None

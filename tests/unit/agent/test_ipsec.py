@@ -10,10 +10,15 @@ from typing import Any
 
 import pytest
 
-from agent.datapath.ipsec import IpsecDriver, connection_name
+from agent.datapath.ipsec import IpsecDriver, connection_name, split_pem
 from agent.datapath.routing import Peer
 
-CERT, KEY, CA = b"-----NODE CERT-----\n", b"-----NODE KEY-----\n", b"-----MESH CA-----\n"
+
+def pem(body: str) -> bytes:
+    return f"-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n".encode()
+
+
+CERT, KEY, CA = pem("NODE"), b"-----BEGIN PRIVATE KEY-----\nKEY\n-----END PRIVATE KEY-----\n", pem("MESHCA")
 
 
 def driver(tmp_path: Path, node_ip: str = "192.168.1.11", pod_cidrs: tuple[str, ...] = ("10.1.1.0/24",)) -> IpsecDriver:
@@ -163,6 +168,13 @@ class FakeSession:
     def list_sas(self) -> Iterator[dict[str, dict[str, Any]]]:
         return iter(self.ike_sas)
 
+    def load_cert(self, request: dict[str, Any]) -> None:
+        assert request["flag"] == "CA"
+        self.log.append(("load-ca", request["data"].decode()))
+
+    def load_key(self, request: dict[str, Any]) -> None:
+        self.log.append(("load-key", request["data"].decode()))
+
 
 def sa(name: str, state: bytes, *children: bytes) -> dict[str, dict[str, Any]]:
     return {name: {"state": state, "child-sas": {f"pods-{i}": {"state": s} for i, s in enumerate(children)}}}
@@ -259,3 +271,39 @@ async def test_a_changed_peer_is_reloaded_and_a_gone_peer_unloaded_and_terminate
     assert ("terminate", DOWN) in session.log
     assert list(session.loaded) == [UP]
     assert list(ipsec.loaded) == [UP]
+
+
+# --- certificates rotated under a running charon
+
+
+def test_a_ca_bundle_is_split_into_its_certificates() -> None:
+    assert split_pem(pem("NEW") + pem("OLD")) == [pem("NEW"), pem("OLD")]
+    assert split_pem(CA) == [CA]
+    assert split_pem(b"") == []
+
+
+async def test_rotated_files_go_to_the_running_charon_and_reload_the_connections(
+    tmp_path: Path, session: FakeSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ipsec = wired(tmp_path, session, monkeypatch)
+    monkeypatch.setattr(ipsec, "_running_charon", lambda: 4242)  # a charon runs: none is started
+    await ipsec.setup()
+    await ipsec.apply({HIGHER.key: HIGHER})
+    assert [entry[0] for entry in session.log[:2]] == ["load-ca", "load-key"]
+    session.log.clear()
+    await ipsec.setup()
+    await ipsec.apply({HIGHER.key: HIGHER})
+    assert not [e for e in session.log if e[0] != "initiate"], "unchanged files: nothing loaded again"
+
+    rolled = pem("NEWCA") + CA
+    (tmp_path / "ca.crt").write_bytes(rolled)
+    (tmp_path / "node.crt").write_bytes(pem("NODE2"))
+    (tmp_path / "node.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nKEY2\n-----END PRIVATE KEY-----\n")
+    await ipsec.setup()
+    await ipsec.apply({HIGHER.key: HIGHER})
+    assert ("load-ca", pem("NEWCA").decode()) in session.log and ("load-ca", CA.decode()) in session.log
+    assert any(kind == "load-key" and "KEY2" in data for kind, data in session.log)
+    assert ("load", UP) in session.log, "the connection names the new certificate: loaded again"
+    assert session.loaded[UP]["local"]["certs"] == [pem("NODE2")]
+    assert session.loaded[UP]["remote"]["cacerts"] == [pem("NEWCA"), CA], "both CAs trusted during a roll"
+    assert ("unload", UP) not in session.log and ("terminate", UP) not in session.log, "its SAs are kept"
