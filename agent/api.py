@@ -103,7 +103,7 @@ def local_endpoint(
     security = allocator.security_labels(wanted.labels, wanted.namespace) if allocator is not None else {}
     labels = {key.partition(":")[2]: value for key, value in security.items()}
     return LocalEndpoint(attachment.host_ifindex, attachment.host_interface, attachment.ip, identity, labels,
-                         wanted.namespace, wanted.name)  # fmt: skip
+                         wanted.namespace, wanted.name, attachment.netns_cookie)  # fmt: skip
 
 
 def _pod_request(request: Request) -> PodRequest:

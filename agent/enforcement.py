@@ -80,6 +80,7 @@ class LocalEndpoint:
     labels: dict[str, str]  # its identity's labels (k8s keys -> values)
     namespace: str = ""
     name: str = ""
+    netns_cookie: int = 0  # its network namespace's, as the socket load balancer's events name it
 
 
 def expand(entries: dict[Entry, bool]) -> dict[PolicyKey, bool]:
@@ -219,6 +220,11 @@ class Enforcer:
 
     def endpoint_by_ip(self, ip: str) -> LocalEndpoint | None:
         return next((e for e in self.endpoints.values() if e.ip == ip), None)
+
+    def endpoint_by_netns(self, cookie: int) -> LocalEndpoint | None:
+        if not cookie:
+            return None
+        return next((e for e in self.endpoints.values() if e.netns_cookie == cookie), None)
 
     def _load_endpoints(self) -> None:
         if self.state_file is None or not self.state_file.exists():

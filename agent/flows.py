@@ -15,16 +15,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.view import MergedView
+from bpf.lbmaps import SOCK_EVENT_SIZE, SOCK_NO_BACKEND, SockEvent
 from bpf.maps import EGRESS, FLOW_EVENT_SIZE, VERDICT_DROPPED, FlowEvent
 from clustermesh.model.flows import DROP_REASONS, PROTOCOLS, RESERVED, compact
 from clustermesh.model.labels import CLUSTER_LABEL, NAMESPACE_LABEL
 
-__all__ = ["DROP_REASONS", "FlowLog", "compact", "to_flow"]
+__all__ = ["DROP_REASONS", "FlowLog", "ServiceNames", "compact", "to_flow", "to_sock_flow"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,23 @@ _MONOTONIC_TO_WALL = time.time_ns() - time.monotonic_ns()
 _PROTOCOL, _VERDICT, _REASON = 28, 29, 30
 
 Describe = Callable[[int, str], dict[str, Any]]
+
+#: Hubble's trace-sock event type, and the translation point of a connect() (flow.proto SocketTranslationPoint)
+TRACE_SOCK = 7
+POST_XLATE_FWD = 2
+DROP_NO_SERVICE = 158
+
+
+class ServiceNames(Protocol):
+    """What the load balancer knows to name a translation: the Service of a reverse-NAT index, a cluster's name."""
+
+    def service_of(self, rev_nat: int) -> str | None: ...
+
+    def cluster_name(self, cluster_id: int) -> str | None: ...
+
+
+#: netns cookie -> (pod IP, identity) of this node's pod in that namespace
+PodOfNetns = Callable[[int], tuple[str, int] | None]
 
 
 def _timestamp(ns: int) -> str:
@@ -75,14 +93,60 @@ def to_flow(event: FlowEvent, node: str, describe: Describe) -> dict[str, Any]:
     return {"flow": flow, "node_name": node, "time": flow["time"]}
 
 
+def to_sock_flow(event: SockEvent, node: str, describe: Describe, identity_of: Callable[[str], int],
+                 pod_of_netns: PodOfNetns, services: ServiceNames | None) -> dict[str, Any]:  # fmt: skip
+    """A socket's connect() translated by the load balancer, as Hubble prints a trace-sock flow
+    (`post-xlate-fwd TRANSLATED`), with the Service, its frontend and the chosen backend with its cluster."""
+    refused = event.verdict == SOCK_NO_BACKEND
+    time_ns = event.time_ns + _MONOTONIC_TO_WALL
+    pod = pod_of_netns(event.netns_cookie)
+    source_ip, source_identity = pod if pod is not None else ("", 0)
+    destination_ip = event.frontend if refused else event.backend
+    destination_port = event.frontend_port if refused else event.backend_port
+    flow: dict[str, Any] = {"time": _timestamp(time_ns), "verdict": "DROPPED" if refused else "TRANSLATED"}
+    if refused:
+        flow["drop_reason"] = DROP_NO_SERVICE
+    flow["IP"] = {"source": source_ip, "destination": destination_ip, "ipVersion": "IPv4"}
+    name = PROTOCOLS.get(event.protocol, f"protocol {event.protocol}")
+    flow["l4"] = {name: {"destination_port": destination_port}}
+    flow["source"] = describe(source_identity, source_ip) if source_ip else {"identity": 0}
+    flow["destination"] = describe(identity_of(destination_ip), destination_ip) if not refused else {}
+    flow["Type"] = "SOCK"
+    flow["node_name"] = node
+    flow["event_type"] = {"type": TRACE_SOCK, "sub_type": POST_XLATE_FWD}
+    flow["traffic_direction"] = "EGRESS"
+    service_key = services.service_of(event.rev_nat) if services is not None else None
+    if service_key:
+        namespace, _, service_name = service_key.partition("/")
+        flow["destination_service"] = {"name": service_name, "namespace": namespace}
+    translation: dict[str, Any] = {"frontend": f"{event.frontend}:{event.frontend_port}"}
+    if service_key:
+        translation["name"] = service_key
+    if not refused:
+        translation["backend"] = f"{event.backend}:{event.backend_port}"
+        cluster = services.cluster_name(event.cluster_id) if services is not None else None
+        translation["backend_cluster"] = cluster or (str(event.cluster_id) if event.cluster_id else "")
+    flow["service"] = translation
+    flow["sock_xlation_point"] = "SOCK_XLATION_POINT_POST_DIRECTION_FWD"
+    flow["socket_cookie"] = str(event.socket_cookie)
+    if refused:
+        flow["drop_reason_desc"] = DROP_REASONS.get(DROP_NO_SERVICE, ("", "NO_SERVICE"))[1]
+    flow["is_reply"] = False
+    flow["Summary"] = name
+    return {"flow": flow, "node_name": node, "time": flow["time"]}
+
+
 class FlowLog:
     """The last flows of this node, numbered from 1; waiters are woken as flows come."""
 
     def __init__(self, view: MergedView, node: str, *, local: Callable[[str], tuple[str, str] | None],
-                 capacity: int = 10000, registry: CollectorRegistry | None = None) -> None:  # fmt: skip
+                 capacity: int = 10000, registry: CollectorRegistry | None = None,
+                 pod_of_netns: PodOfNetns | None = None, services: ServiceNames | None = None) -> None:  # fmt: skip
         self.view = view
         self.node = node
         self.local = local  # ip -> (namespace, pod name) of this node's endpoints
+        self.pod_of_netns: PodOfNetns = pod_of_netns or (lambda cookie: None)
+        self.services = services
         self.flows: deque[tuple[int, bytes]] = deque(maxlen=capacity)
         self.next = 1
         self.changed = asyncio.Event()
@@ -127,11 +191,39 @@ class FlowLog:
                 self.processed.labels(summary, "PolicyVerdict", "", "FORWARDED").inc(count)
         self.changed.set()
 
+    def add_sock(self, records: list[bytes]) -> None:
+        """Records of the socket load balancer's ring buffer (a connect() translated or refused): kept with the
+        flows, told apart by their size."""
+        for record in records:
+            if len(record) != SOCK_EVENT_SIZE:
+                continue
+            self.flows.append((self.next, record))
+            self.next += 1
+            event = SockEvent.decode(record)
+            summary = PROTOCOLS.get(event.protocol, f"protocol {event.protocol}")
+            if event.verdict == SOCK_NO_BACKEND:
+                self.processed.labels(summary, "Drop", "", "DROPPED").inc()
+                self.drops.labels(DROP_REASONS.get(DROP_NO_SERVICE, ("", "NO_SERVICE"))[1], summary).inc()
+            else:
+                self.processed.labels(summary, "SOCK", "post-xlate-fwd", "TRANSLATED").inc()
+        if records:
+            self.changed.set()
+
+    def identity_of(self, ip: str) -> int:
+        entry = self.view.ipcache(ip)
+        return int(entry.ID) if entry is not None else 0
+
+    def _decode(self, record: bytes) -> dict[str, Any]:
+        if len(record) == SOCK_EVENT_SIZE:
+            return to_sock_flow(SockEvent.decode(record), self.node, self.describe, self.identity_of,
+                                self.pod_of_netns, self.services)  # fmt: skip
+        return to_flow(FlowEvent.decode(record), self.node, self.describe)
+
     def since(self, after: int, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
         found = [(number, record) for number, record in self.flows if number > after]
         if limit:
             found = found[-limit:]
-        return [(number, to_flow(FlowEvent.decode(record), self.node, self.describe)) for number, record in found]
+        return [(number, self._decode(record)) for number, record in found]
 
     async def wait(self, after: int, timeout: float) -> None:
         """Until a flow numbered after `after` exists, or `timeout` seconds passed."""

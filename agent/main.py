@@ -217,11 +217,12 @@ class Agent:
                                  default_local_cluster=settings.policy_default_local_cluster,
                                  state_file=settings.state_dir / "enforced.json", registry=self.registry,
                                  synced=self.policies_synced, skipped=self._skipped_objects)  # fmt: skip
-        self.flows = FlowLog(self.mesh.view, self.node_key, local=self._local_pod, registry=self.registry)
         self.registry.register(DatapathCounters(self.loaded.counters))
         self.registry.register(PolicyProblems(self.enforcer.not_enforced))
         log.info("eBPF datapath loaded: %s", self.loaded.object_dir)
         self.lb = LoadBalancer(self.mesh.view, self.loaded, settings.cluster.name, settings.cluster.id)
+        self.flows = FlowLog(self.mesh.view, self.node_key, local=self._local_pod, registry=self.registry,
+                             pod_of_netns=self._pod_of_netns, services=self.lb)  # fmt: skip
         try:
             cgroup = settings.cgroup_root or cgroup2_mount()
             self.loaded.attach_cgroup(cgroup)
@@ -232,6 +233,10 @@ class Agent:
 
     def _skipped_objects(self) -> dict[str, str]:
         return dict(getattr(self.store, "skipped", None) or {})
+
+    def _pod_of_netns(self, cookie: int) -> tuple[str, int] | None:
+        endpoint = self.enforcer.endpoint_by_netns(cookie) if self.enforcer is not None else None
+        return (endpoint.ip, endpoint.identity) if endpoint is not None else None
 
     def _local_pod(self, ip: str) -> tuple[str, str] | None:
         endpoint = self.enforcer.endpoint_by_ip(ip) if self.enforcer is not None else None
@@ -418,6 +423,7 @@ class Agent:
         if self.enforcer is not None and self.loaded is not None and self.flows is not None:
             jobs.append(self.enforcer.run())
             jobs.append(self._follow_flows(self.loaded, self.flows))
+            jobs.append(self._follow_sock_events(self.loaded, self.flows))
         try:
             await run_together(jobs)
         finally:
@@ -440,6 +446,16 @@ class Agent:
         try:
             async for batch in follow_records(reader):
                 flows.add(batch)
+        finally:
+            reader.close()
+
+    @staticmethod
+    async def _follow_sock_events(loaded: Loaded, flows: FlowLog) -> None:
+        """The socket load balancer's translations, as flows that name the Service and the chosen backend."""
+        reader = RingReader.pinned(str(loaded.sock_events_path))
+        try:
+            async for batch in follow_records(reader):
+                flows.add_sock(batch)
         finally:
             reader.close()
 

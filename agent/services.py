@@ -94,6 +94,8 @@ class LoadBalancer:
         self._revnat_ids = _Ids(limit=65535)
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
+        self._revnat_services: dict[int, str] = {}  # reverse-NAT index -> namespace/name: flows name the Service
+        self._cluster_names: dict[int, str] = {cluster_id: cluster}
 
     # --- inputs
 
@@ -165,12 +167,14 @@ class LoadBalancer:
         if not plans:
             self.plans.pop(key, None)
         cluster_ids = {**{c: int(e.clusterID) for c, e in exports.items()}, self.cluster: self.cluster_id}
+        self._cluster_names.update({number: name for name, number in cluster_ids.items() if number})
         desired: dict[LbFrontendKey, LbService] = {}
         backends: dict[int, LbBackend] = {}
         for plan in plans:
             frontend = plan.frontend
             base = LbFrontendKey(frontend.ip, frontend.port, PROTOCOLS[frontend.protocol])
             rev_nat = self._revnat_ids.get((frontend.ip, frontend.port, frontend.protocol))
+            self._revnat_services[rev_nat] = key
             desired[base] = LbService(0, len(plan.used), rev_nat)
             for slot, backend in enumerate(plan.used, start=1):
                 number = self._backend_id(backend, cluster_ids.get(backend.cluster, 0))
@@ -217,6 +221,7 @@ class LoadBalancer:
                     self.datapath.lb_revnat.remove([unused])
                     self.counts.revnat_writes += 1
                     self._revnat_ids.release(owner)
+                    self._revnat_services.pop(unused, None)
         for number in sorted(before - backends.keys()):
             users = self._backend_users.get(number, set())
             users.discard(key)
@@ -225,6 +230,14 @@ class LoadBalancer:
                 self.datapath.lb_backends.remove([number])
                 self.counts.backend_writes += 1
                 self._backend_ids.release(self._backend_ids.owners[number])
+
+    # --- naming what the socket programs tell (agent/flows.py)
+
+    def service_of(self, rev_nat: int) -> str | None:
+        return self._revnat_services.get(rev_nat)
+
+    def cluster_name(self, cluster_id: int) -> str | None:
+        return self._cluster_names.get(cluster_id)
 
     def _backend_id(self, backend: Backend, cluster_id: int) -> int:
         return self._backend_ids.get((cluster_id, backend.ip, backend.port, backend.protocol))

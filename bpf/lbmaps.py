@@ -27,6 +27,8 @@ __all__ = [
     "LbRevNatMap",
     "LbService",
     "LbServiceMap",
+    "SOCK_EVENT_SIZE",
+    "SockEvent",
     "lb_memory_map",
 ]
 
@@ -34,6 +36,42 @@ TCP, UDP = 6, 17
 PROTOCOLS = {"TCP": TCP, "UDP": UDP}
 #: cm_lb_counters' slots (lb.h)
 TRANSLATED, NO_BACKEND, REVERSED, STALE = 0, 1, 2, 3
+#: struct sock_event's verdicts
+SOCK_TRANSLATED, SOCK_NO_BACKEND = 0, 1
+
+_SOCK_EVENT = struct.Struct("<QQQ4s4s2s2sIHHBB10x")
+SOCK_EVENT_SIZE = _SOCK_EVENT.size
+
+
+class SockEvent(NamedTuple):
+    """A socket's connect() translated (or refused) by the socket load balancer: struct sock_event of lb.h."""
+
+    time_ns: int
+    socket_cookie: int
+    netns_cookie: int
+    frontend: str
+    backend: str
+    frontend_port: int
+    backend_port: int
+    backend_id: int
+    rev_nat: int
+    cluster_id: int
+    protocol: int
+    verdict: int
+
+    @classmethod
+    def decode(cls, data: bytes) -> SockEvent:
+        (time_ns, cookie, netns, frontend, backend, frontend_port, backend_port, backend_id, rev_nat, cluster_id,
+         protocol, verdict) = _SOCK_EVENT.unpack_from(data)  # fmt: skip
+        return cls(time_ns, cookie, netns, socket.inet_ntoa(frontend), socket.inet_ntoa(backend),
+                   struct.unpack("!H", frontend_port)[0], struct.unpack("!H", backend_port)[0], backend_id, rev_nat,
+                   cluster_id, protocol, verdict)  # fmt: skip
+
+    def encode(self) -> bytes:
+        return _SOCK_EVENT.pack(self.time_ns, self.socket_cookie, self.netns_cookie, socket.inet_aton(self.frontend),
+                                socket.inet_aton(self.backend), struct.pack("!H", self.frontend_port),
+                                struct.pack("!H", self.backend_port), self.backend_id, self.rev_nat, self.cluster_id,
+                                self.protocol, self.verdict)  # fmt: skip
 
 
 class LbFrontendKey(NamedTuple):

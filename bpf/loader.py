@@ -159,6 +159,7 @@ class Loaded:
         self.lb_backends = LbBackendMap(syscall.MapFd.pinned(str(lb / "cm_lb_backends")))
         self.lb_revnat = LbRevNatMap(syscall.MapFd.pinned(str(lb / "cm_lb_revnat")))
         self.lb_counters = LbCounters(syscall.MapFd.pinned(str(lb / "cm_lb_counters")))
+        self.sock_events_path = lb / "cm_sock_events"
 
     def close(self) -> None:
         for raw in (self.ipcache.raw, self.endpoints.raw, self.policy_maps, self.ct.raw, self.counters.raw,

@@ -65,6 +65,8 @@ class Context:
     source: str = "standalone"
     kubeconfig: str | None = None
     kube_context: str | None = None
+    #: The unix socket of the cluster's flow relay (`clustermesh observe --context` reads it).
+    relay: str | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -89,6 +91,8 @@ class Context:
             document["kubeconfig"] = self.kubeconfig
         if self.kube_context:
             document["kube-context"] = self.kube_context
+        if self.relay:
+            document["relay"] = self.relay
         return document
 
 
@@ -119,7 +123,8 @@ class ContextFile:
                 raise ContextError(f"{path}: context {name!r} lacks {', '.join(missing)}")
             endpoints = entry["endpoints"]
             optional = {field: entry.get(key) for field, key in (("kubeconfig", "kubeconfig"),
-                                                                 ("kube_context", "kube-context"))}  # fmt: skip
+                                                                 ("kube_context", "kube-context"),
+                                                                 ("relay", "relay"))}  # fmt: skip
             contexts[str(name)] = Context(
                 str(name),
                 [endpoints] if isinstance(endpoints, str) else [str(e) for e in endpoints],

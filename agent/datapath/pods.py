@@ -9,6 +9,7 @@ veth. There is no default route in a pod: the lab has none anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from agent.datapath.ipam import IPAM
 from agent.datapath.netlink import RTPROT_PODS, DatapathError, ip_in_netns, netlink, set_sysctl
+from agent.datapath.netnscookie import netns_cookie
 
 __all__ = ["PodAttachment", "PodNetwork"]
 
@@ -38,6 +40,7 @@ class PodAttachment:
     gateway: str
     mac: str = ""
     host_ifindex: int = 0
+    netns_cookie: int = 0  # names the pod in the socket load balancer's events
 
 
 class PodNetwork:
@@ -88,8 +91,13 @@ class PodNetwork:
         except Exception:  # DatapathError, or an OSError opening a vanished netns: nothing half-made stays
             await self.delete(container_id)
             raise
+        try:
+            cookie = await asyncio.to_thread(netns_cookie, netns_path)
+        except OSError as exc:  # its flows through services then name no source pod; nothing else depends on it
+            log.warning("pod %s: cannot read its network namespace's cookie: %s", container_id[:12], exc)
+            cookie = 0
         log.info("pod %s: %s on %s", container_id[:12], ip, host_name)
-        return PodAttachment(container_id, ip, host_name, interface, self.router_ip, mac, host_index)
+        return PodAttachment(container_id, ip, host_name, interface, self.router_ip, mac, host_index, cookie)
 
     async def delete(self, container_id: str) -> str | None:
         async with netlink() as nl:

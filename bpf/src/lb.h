@@ -69,6 +69,26 @@ struct lb_flow_value {
 };
 
 /* cm_lb_counters: what the socket programs did. */
+/* A socket's translation, told to the agent (Hubble's trace-sock): which frontend went to which backend, for which
+ * socket of which network namespace (the agent knows each pod's). */
+struct sock_event {
+	__u64 time_ns;      /* bpf_ktime_get_ns */
+	__u64 socket_cookie;
+	__u64 netns_cookie; /* the caller's network namespace: its pod */
+	__u32 frontend;     /* network order */
+	__u32 backend;      /* network order; 0 when there was no backend */
+	__u16 frontend_port; /* network order */
+	__u16 backend_port;
+	__u32 backend_id;
+	__u16 rev_nat;
+	__u16 cluster_id;   /* the backend's cluster */
+	__u8 protocol;
+	__u8 verdict;       /* SOCK_TRANSLATED, SOCK_NO_BACKEND */
+	__u8 pad[6];
+};
+#define SOCK_TRANSLATED 0
+#define SOCK_NO_BACKEND 1
+
 #define LB_TRANSLATED 0
 #define LB_NO_BACKEND 1 /* a connection or datagram to a service with no backend: refused at once */
 #define LB_REVERSED 2

@@ -22,6 +22,37 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define EHOSTUNREACH 113
 
+/* connect()s translated or refused, for flows that name the service (connect only: a datagram of unconnected UDP
+ * would be one event each) */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} cm_sock_events SEC(".maps");
+
+static __always_inline void tell(struct bpf_sock_addr *ctx, __u8 protocol, __u8 verdict, __u16 rev_nat,
+				 __u32 backend_id, const struct lb_backend *backend)
+{
+	struct sock_event *event = bpf_ringbuf_reserve(&cm_sock_events, sizeof(*event), 0);
+	if (!event)
+		return; /* the reader is behind: the translation happens anyway */
+	__builtin_memset(event, 0, sizeof(*event));
+	event->time_ns = bpf_ktime_get_ns();
+	event->socket_cookie = bpf_get_socket_cookie(ctx);
+	event->netns_cookie = bpf_get_netns_cookie(ctx);
+	event->frontend = ctx->user_ip4;
+	event->frontend_port = (__u16)ctx->user_port;
+	event->rev_nat = rev_nat;
+	event->protocol = protocol;
+	event->verdict = verdict;
+	event->backend_id = backend_id;
+	if (backend) {
+		event->backend = backend->address;
+		event->backend_port = backend->port;
+		event->cluster_id = backend->cluster_id;
+	}
+	bpf_ringbuf_submit(event, 0);
+}
+
 static __always_inline void count(__u32 what)
 {
 	__u64 *counter = bpf_map_lookup_elem(&cm_lb_counters, &what);
@@ -29,8 +60,8 @@ static __always_inline void count(__u32 what)
 		*counter += 1;
 }
 
-/* 1: carry on (translated or not ours); 0: refuse (the caller's errno is set). */
-static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 protocol)
+/* 1: carry on (translated or not ours); 0: refuse (the caller's errno is set). `trace`: tell the agent. */
+static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 protocol, int trace)
 {
 	struct lb_key key = {.address = ctx->user_ip4, .port = (__u16)ctx->user_port, .protocol = protocol};
 	struct lb_service *service = bpf_map_lookup_elem(&cm_lb_services, &key);
@@ -38,6 +69,8 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 protocol)
 		return 1; /* no frontend there */
 	if (service->count == 0) {
 		count(LB_NO_BACKEND);
+		if (trace)
+			tell(ctx, protocol, SOCK_NO_BACKEND, service->rev_nat, 0, 0);
 		bpf_set_retval(-EHOSTUNREACH);
 		return 0;
 	}
@@ -54,6 +87,8 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 protocol)
 	struct lb_sk_key sk = {.cookie = bpf_get_socket_cookie(ctx), .address = backend->address, .port = backend->port};
 	struct lb_sk_value frontend = {.address = ctx->user_ip4, .port = (__u16)ctx->user_port, .rev_nat = rev_nat};
 	bpf_map_update_elem(&cm_lb_reverse_sk, &sk, &frontend, BPF_ANY);
+	if (trace)
+		tell(ctx, protocol, SOCK_TRANSLATED, rev_nat, backend_id, backend);
 	ctx->user_ip4 = backend->address;
 	ctx->user_port = backend->port;
 	count(LB_TRANSLATED);
@@ -89,7 +124,7 @@ int cm_sock_connect4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return 1;
-	return translate(ctx, ctx->protocol);
+	return translate(ctx, ctx->protocol, 1);
 }
 
 SEC("cgroup/sendmsg4")
@@ -97,7 +132,7 @@ int cm_sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_UDP)
 		return 1;
-	return translate(ctx, IPPROTO_UDP);
+	return translate(ctx, IPPROTO_UDP, 0);
 }
 
 SEC("cgroup/recvmsg4")

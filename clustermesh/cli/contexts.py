@@ -26,15 +26,18 @@ def context_group() -> None:
                    "write there.")  # fmt: skip
 @click.option("--kubeconfig", default=None, help="With --source kubernetes: the kubeconfig (default: the usual one).")
 @click.option("--kube-context", default=None, help="With --source kubernetes: the kubeconfig's context.")
+@click.option("--relay", default=None, help="The unix socket of the cluster's clustermesh-relay: `observe` reads it.")
 @pass_controls
 def context_add(controls: Controls, name: str, endpoints: tuple[str, ...], ca: str, cert: str, key: str,
-                source: str, kubeconfig: str | None, kube_context: str | None) -> None:  # fmt: skip
+                source: str, kubeconfig: str | None, kube_context: str | None, relay: str | None) -> None:  # fmt: skip
     """Add (or replace) context NAME; the first context added becomes the current one."""
     contexts = controls.contexts()
     urls = [url for value in endpoints for url in value.split(",") if url]
     if source == "standalone" and (kubeconfig or kube_context):
         raise click.UsageError("--kubeconfig and --kube-context go with --source kubernetes")
-    context = Context(name, urls, ca, cert, key, source=source, kubeconfig=kubeconfig, kube_context=kube_context)
+    context = Context(
+        name, urls, ca, cert, key, source=source, kubeconfig=kubeconfig, kube_context=kube_context, relay=relay
+    )
     try:
         context.etcd_config(controls.config.parent)  # refuses plaintext and malformed URLs now, not at use
     except kverrors.KVStoreError as exc:

@@ -21,7 +21,8 @@ from clustermesh import output
 from clustermesh.cli.agents import get_json as _get
 from clustermesh.cli.agents import lab_option, socket_option
 from clustermesh.cli.agents import sockets as _sockets
-from clustermesh.cli.root import cli
+from clustermesh.cli.root import Controls, cli
+from clustermesh.contexts import ContextError
 from clustermesh.model.flows import compact
 
 __all__ = ["observe", "policy_group"]
@@ -68,6 +69,20 @@ def policy_get(socket: Path | None, lab: str | None, output_format: str) -> None
             output.out.print(f"  [yellow]not enforced[/] {name}: {reason}")
 
 
+def _context_relay(controls: Controls, name: str) -> Path:
+    """The relay a context names (the lab writes it in its contexts; add `relay: SOCKET` to a context of yours)."""
+    try:
+        context = controls.contexts().get(name)
+    except ContextError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not context.relay:
+        raise click.ClickException(
+            f"context {name} names no relay: add `relay: /path/to/relay.sock` to it in {controls.config}, or give "
+            "--relay SOCKET"
+        )
+    return Path(context.relay)
+
+
 def _relay_socket(lab: str, cluster: str) -> dict[str, Path]:
     from clustermesh.lab.lab import Lab
     from clustermesh.lab.layout import LabError
@@ -96,6 +111,22 @@ def _matches_label(endpoint: dict[str, Any], wanted: tuple[str, ...]) -> bool:
     return all(item in labels or item in plain for item in wanted)
 
 
+def _names_service(flow: dict[str, Any], wanted: str) -> bool:
+    """`ns/name`, or `name` in any namespace: the Service a flow went through (or came from)."""
+    names = [f"{s.get('namespace', '')}/{s.get('name', '')}" for s in
+             (flow.get("destination_service"), flow.get("source_service")) if s]  # fmt: skip
+    if "/" in wanted:
+        return wanted in names
+    return any(name.partition("/")[2] == wanted for name in names)
+
+
+def _flow_type(flow: dict[str, Any]) -> str:
+    """Hubble's `--type` names: trace-sock, drop, policy-verdict."""
+    if flow.get("Type") == "SOCK":
+        return "trace-sock"
+    return "drop" if flow.get("verdict") == "DROPPED" else "policy-verdict"
+
+
 def matches(document: dict[str, Any], filters: dict[str, Any]) -> bool:
     flow = document["flow"]
     source, destination = flow.get("source", {}), flow.get("destination", {})
@@ -109,6 +140,10 @@ def matches(document: dict[str, Any], filters: dict[str, Any]) -> bool:
         if filters[f"{key}_cluster"] and not fnmatch.fnmatch(side.get("cluster_name", ""), filters[f"{key}_cluster"]):
             return False
     if filters["verdict"] and flow["verdict"] != filters["verdict"]:
+        return False
+    if filters.get("service") and not _names_service(flow, filters["service"]):
+        return False
+    if filters.get("flow_type") and _flow_type(flow) != filters["flow_type"]:
         return False
     l4: dict[str, Any] = next(iter(flow.get("l4", {}).values()), {})
     if filters["port"] and filters["port"] not in (l4.get("source_port"), l4.get("destination_port")):
@@ -156,6 +191,8 @@ def in_window(document: dict[str, Any], filters: dict[str, Any]) -> bool:
               help="A clustermesh-relay's socket: every node of every connected cluster.")  # fmt: skip
 @click.option("--cluster", "relay_cluster", default="c1", show_default=True,
               help="With --lab: whose relay to ask (each sees the whole mesh).")  # fmt: skip
+@click.option("--context", "context_name", default=None,
+              help="Read the relay this context names (the lab's contexts name their cluster's).")  # fmt: skip
 @click.option("--node", default=None, help="The observing node, `cluster/node` (a glob: c2/*).")
 @click.option("--since", type=_moment, default=None, help="Flows at or after this time, or this long ago (5m).")
 @click.option("--until", type=_moment, default=None, help="Flows at or before this time, or this long ago.")
@@ -165,18 +202,28 @@ def in_window(document: dict[str, Any], filters: dict[str, Any]) -> bool:
 @click.option("--to-namespace", default=None)
 @click.option("--from-cluster", default=None, help="The source's cluster (a glob: c*).")
 @click.option("--to-cluster", default=None)
-@click.option("--verdict", type=click.Choice(["FORWARDED", "DROPPED"]), default=None)
+@click.option("--verdict", type=click.Choice(["FORWARDED", "DROPPED", "TRANSLATED"]), default=None)
+@click.option("--service", default=None,
+              help="Flows through a Service: ns/name, or name in any namespace (connect()s the socket load "
+                   "balancer translated, with the frontend and the chosen backend).")  # fmt: skip
+@click.option("-t", "--type", "flow_type", type=click.Choice(["trace-sock", "drop", "policy-verdict"]), default=None,
+              help="trace-sock: a Service's translations; drop; policy-verdict: new allowed flows.")  # fmt: skip
 @click.option("--port", type=int, default=None, help="Either side's port.")
 @click.option("--protocol", type=click.Choice(["tcp", "udp", "icmp", "sctp"], case_sensitive=False), default=None)
 @click.option("--last", type=int, default=20, show_default=True, help="The last N flows (per node), then stop.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing flows as they come.")
 @click.option("-o", "--output", "output_format", type=click.Choice(["compact", "json"]), default="compact",
               show_default=True, help="compact: one line a flow; json: Hubble's, one object a line.")  # fmt: skip
-def observe(socket: Path | None, lab: str | None, relay: Path | None, relay_cluster: str, follow: bool, last: int,
-            output_format: str, **filters: Any) -> None:  # fmt: skip
-    """Flows seen by a node's datapath, or through a relay by every node of every connected cluster (--relay, or
-    --lab): drops with both sides' labels and the reason, and each new allowed flow. Nodes a relay cannot read are
-    named on stderr, never silently left out."""
+def observe(socket: Path | None, lab: str | None, relay: Path | None, relay_cluster: str, context_name: str | None,
+            follow: bool, last: int, output_format: str, **filters: Any) -> None:  # fmt: skip
+    """Flows seen by a node's datapath, or through a relay by every node of every connected cluster (--relay,
+    --context, or --lab): drops with both sides' labels and the reason, each new allowed flow, and each connect()
+    to a Service with its frontend and chosen backend. Nodes a relay cannot read are named on stderr, never silently
+    left out."""
+    controls = click.get_current_context().find_object(Controls)
+    context_name = context_name or (controls.context if controls is not None and not (socket or lab or relay) else None)
+    if context_name is not None and relay is None and not lab:
+        relay = _context_relay(controls or Controls(), context_name)
     sockets = (
         {str(relay): relay}
         if relay is not None

@@ -94,7 +94,8 @@ def host_contexts(ctx: LabContext) -> Path:
     for cluster in ctx.layout.all_clusters():
         config = ctx.config(cluster.index, "root")
         contexts.add(Context(cluster.name, [f"https://127.0.0.1:{running.ports[cluster.name]}"],
-                             str(config.ca_file), str(config.cert_file), str(config.key_file)))  # fmt: skip
+                             str(config.ca_file), str(config.cert_file), str(config.key_file),
+                             relay=str(ctx.relay_socket(cluster.index))))  # fmt: skip
     contexts.current = ctx.layout.cluster(1).name
     contexts.save()
     return contexts.path

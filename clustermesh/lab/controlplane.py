@@ -127,7 +127,7 @@ async def init_users(ctx: LabContext, clusters: list[int] | None = None) -> None
         finally:
             await backend.close()
         contexts.add(Context(cluster.name, config.endpoints, str(config.ca_file), str(config.cert_file),
-                             str(config.key_file)))  # fmt: skip
+                             str(config.key_file), relay=str(ctx.relay_socket(cluster.index))))  # fmt: skip
     contexts.save()
 
 

@@ -10,7 +10,11 @@ from typing import Any
 __all__ = ["DROP_REASONS", "PROTOCOLS", "RESERVED", "compact"]
 
 #: Cilium's drop reasons: code -> (the metric's text, the flow's enum name).
-DROP_REASONS = {133: ("Policy denied", "POLICY_DENIED"), 181: ("Policy denied by denylist", "POLICY_DENY")}
+DROP_REASONS = {
+    133: ("Policy denied", "POLICY_DENIED"),
+    158: ("Service backend not found", "NO_SERVICE"),
+    181: ("Policy denied by denylist", "POLICY_DENY"),
+}
 RESERVED = {1: "host", 2: "world", 4: "health", 6: "remote-node"}
 PROTOCOLS = {6: "TCP", 17: "UDP", 1: "ICMPv4", 132: "SCTP"}
 
@@ -30,6 +34,17 @@ def compact(document: dict[str, Any]) -> str:
 
     l4: dict[str, Any] = next(iter(flow.get("l4", {}).values()), {})
     when = flow["time"][11:23]
+    if flow.get("Type") == "SOCK":  # a connect() to a Service: `pod -> ns/svc (frontend) => backend (cluster)`
+        service = flow.get("service", {})
+        target = f"{service.get('name') or '?'} ({service.get('frontend', '')})"
+        if "backend" in service:
+            chosen = side(flow["destination"], flow["IP"]["destination"], l4.get("destination_port"))
+            target += f" => {chosen}" + (f" in {service['backend_cluster']}" if service.get("backend_cluster") else "")
+        verdict = "post-xlate-fwd TRANSLATED" if flow["verdict"] == "TRANSLATED" else "DROPPED no backend"
+        return (
+            f"{when} [{flow['node_name']}]: {side(flow['source'], flow['IP']['source'], None)} -> {target} "
+            f"{verdict} ({flow['Summary']})"
+        )
     reason = DROP_REASONS.get(flow.get("drop_reason", 0), ("", ""))[0] if flow["verdict"] == "DROPPED" else ""
     return (
         f"{when} [{flow['node_name']}]: {side(flow['source'], flow['IP']['source'], l4.get('source_port'))} -> "

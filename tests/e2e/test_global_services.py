@@ -148,6 +148,35 @@ def test_reachable_by_name_from_every_cluster_and_spread_over_every_cluster(mesh
     assert set(spread) == ALL and min(spread.values()) >= 50, f"300 connections over the 3 clusters: {spread}"
 
 
+def test_flows_name_the_service_its_frontend_and_the_backend_chosen_with_its_cluster(mesh: PolicyLab) -> None:
+    """Each connect() the socket load balancer translates is a trace-sock flow (Hubble's `post-xlate-fwd
+    TRANSLATED`), read through the relay with `--service`: the client pod, the Service, the ClusterIP, and the
+    backend it went to in whichever cluster."""
+    address = cluster_ip(mesh, "c1")
+    frontend = f"{address}:80"
+    ask(mesh, "c1", address, count=60)
+    found: list[dict[str, Any]] = []
+
+    def every_cluster() -> tuple[bool, object]:
+        result = clustermesh("observe", "--lab", mesh.lab.name, "--service", "shop/web", "-t", "trace-sock",
+                             "--since", "2m", "--last", "500", "-o", "json")  # fmt: skip
+        assert result.returncode == 0, describe(result)
+        found[:] = [json.loads(line)["flow"] for line in result.stdout.splitlines() if line.strip()]
+        clusters = {flow["service"].get("backend_cluster") for flow in found if flow["service"]["frontend"] == frontend}
+        return clusters == set(CLUSTERS), clusters
+
+    wait_until("trace-sock flows of shop/web to backends in every cluster", every_cluster, timeout=30)
+    for flow in (f for f in found if f["service"]["frontend"] == frontend):
+        assert flow["Type"] == "SOCK" and flow["verdict"] == "TRANSLATED", flow
+        assert flow["destination_service"] == {"name": "web", "namespace": "shop"}
+        assert flow["source"]["pod_name"] == "client" and flow["source"]["namespace"] == "shop", flow["source"]
+        cluster = flow["service"]["backend_cluster"]
+        assert flow["destination"]["pod_name"] == f"web-{cluster}", flow
+        assert flow["service"]["backend"] == f"{flow['IP']['destination']}:80"
+    compact = clustermesh("observe", "--lab", mesh.lab.name, "--service", "web", "--since", "2m", "--last", "5")
+    assert "shop/web" in compact.stdout and "post-xlate-fwd TRANSLATED" in compact.stdout, describe(compact)
+
+
 def cluster_ip(lab: PolicyLab, cluster: str) -> str:
     result = clustermesh("service", "list", "--lab", lab.lab.name, "--cluster", cluster, "-o", "json")
     assert result.returncode == 0, describe(result)

@@ -77,7 +77,7 @@ function drawGraph(graph) {
     }
   }
   for (const { x, y, node } of Object.values(place)) {
-    const group = el("g", { class: "node", "data-node": node.id });
+    const group = el("g", { class: node.kind === "service" ? "node service" : "node", "data-node": node.id });
     group.append(el("rect", { x, y, width: 200, height: 32 }));
     group.append(el("text", { x: x + 8, y: y + 20 }, `${node.namespace ? node.namespace + "/" : ""}${node.label}`));
     items.push(group);

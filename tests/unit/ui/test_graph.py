@@ -42,3 +42,31 @@ def test_an_endpoint_without_an_app_label_is_its_pod_or_reserved_label_or_addres
     row = flow_row(documents[0])
     assert (row["source"], row["destination"], row["port"], row["protocol"]) == (
         "c1/shop/db-0", "?/-/reserved:world", 8080, "TCP")  # fmt: skip
+
+
+def test_a_service_is_a_node_between_its_clients_and_the_backends_chosen_in_any_cluster() -> None:
+    client = side("c1", "client")
+    translated = {"frontend": "10.96.1.20:80", "name": "shop/server", "backend": "10.2.1.10:8080",
+                  "backend_cluster": "c2"}  # fmt: skip
+    documents = [
+        flow(client, side("c2", "server"), "TRANSLATED", Type="SOCK", service=translated),
+        flow(client, side("c3", "server"), "TRANSLATED", Type="SOCK", service=translated | {"backend_cluster": "c3"}),
+        flow(
+            client,
+            {},
+            "DROPPED",
+            Type="SOCK",
+            drop_reason_desc="NO_SERVICE",
+            service={"frontend": "10.96.1.21:80", "name": "shop/empty"},
+        ),
+    ]
+    drawn = graph(documents)
+    kinds = {n["id"]: n.get("kind", "workload") for n in drawn["nodes"]}
+    assert kinds["c1/svc/shop/server"] == "service" and kinds["c1/svc/shop/empty"] == "service"
+    edges = {(e["source"], e["destination"]): e for e in drawn["edges"]}
+    assert edges[("c1/shop/app=client", "c1/svc/shop/server")]["forwarded"] == 2
+    assert edges[("c1/svc/shop/server", "c2/shop/app=server")]["forwarded"] == 1
+    assert edges[("c1/svc/shop/server", "c3/shop/app=server")]["forwarded"] == 1
+    empty = edges[("c1/shop/app=client", "c1/svc/shop/empty")]
+    assert empty["dropped"] == 1 and empty["reasons"] == ["NO_SERVICE"]
+    assert not any(source == "c1/svc/shop/empty" for source, _ in edges), "no backend: no edge onwards"
