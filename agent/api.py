@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
+from agent import cni
 from agent.datapath.ipam import IPAMExhausted
 from agent.datapath.netlink import DatapathError
 from agent.datapath.pods import PodAttachment, PodNetwork, host_veth
@@ -94,6 +96,10 @@ def _store_error(exc: ResourceError) -> Response:
         else "internal"
     )
     return fail(exc.code, reason, str(exc))
+
+
+def _cni_error(status: int, code: int, message: str, details: str = "") -> Response:
+    return respond(status, {"cniVersion": "1.0.0", "code": code, "msg": message, "details": details})
 
 
 def local_endpoint(
@@ -167,6 +173,7 @@ def routes(
     allocator: Callable[[], IdentityAllocator | None] = lambda: None,
     lb: Callable[[], LoadBalancer | None] = lambda: None,
     health: Callable[[], HealthProber | None] = lambda: None,
+    pod_labels: Callable[[str, str], Awaitable[dict[str, str]]] | None = None,
 ) -> dict[str, Route]:
     def needs_manager(handler: Callable[[Request, EndpointManager], Awaitable[Response]]) -> Route:
         """The handler, once the agent's store is there; `starting` before (the caller retries)."""
@@ -273,11 +280,14 @@ def routes(
         pod = _pod_request(request)
         if not pod.netns:
             raise InvalidRequest("netns is required for ADD")
+        labels = dict(pod.labels)
+        if not labels and pod_labels is not None:  # Kubernetes tells a plugin no labels: the Pod object has them
+            labels = await pod_labels(pod.namespace or "default", pod.name)
         attachment = await pods.add(pod.containerID, pod.netns, pod.ifname or "eth0")
         enforcing = enforcer()
         try:
             wanted = EndpointRequest.parse(
-                {"namespace": pod.namespace, "name": pod.name, "labels": pod.labels, "ipv4": attachment.ip}
+                {"namespace": pod.namespace, "name": pod.name, "labels": labels, "ipv4": attachment.ip}
             )
             created = await manager.create(wanted)
             identity = created["status"]["identity"]["id"]
@@ -319,6 +329,52 @@ def routes(
         if problems:
             return fail(409, "conflict", "; ".join(problems))
         return respond(200, {"problems": []})
+
+    handlers = {"ADD": cni_add, "DEL": cni_del, "CHECK": cni_check}
+
+    def as_cni_errors(route: Route) -> Route:
+        """The agent's own refusals (still starting, no datapath) as CNI error documents too."""
+
+        async def cni_route(request: Request) -> Response:
+            status, content_type, body = await route(request)
+            document = json.loads(body or b"null") if status != 200 else None
+            if isinstance(document, dict) and "code" not in document:
+                refused = cni.refused(request.query.get("command", ""), status, document)
+                return _cni_error(status, refused.code, str(refused), refused.details)
+            return status, content_type, body
+
+        return cni_route
+
+    async def cni_exec(request: Request, manager: EndpointManager, pods: PodNetwork) -> Response:
+        """The CNI request as the shell plugin of hosts without Python hands it over: the CNI_* variables and the
+        configuration in the query; answers the CNI result, or a CNI error document (`code`, `msg`)."""
+        command = request.query.get("command", "")
+        try:
+            config = json.loads(request.query.get("config") or "{}")
+            if not isinstance(config, dict):
+                raise cni.CNIError(cni.UNDECODABLE, "the network configuration is not a JSON object")
+            env = {
+                f"CNI_{key.upper()}": request.query.get(key, "") for key in ("containerid", "netns", "ifname", "args")
+            }
+            pod = cni.pod_request(config, env)
+        except json.JSONDecodeError as exc:
+            return _cni_error(400, cni.UNDECODABLE, f"the network configuration is not JSON: {exc}")
+        except cni.CNIError as exc:
+            return _cni_error(400, exc.code, str(exc), exc.details)
+        version = str(config.get("cniVersion", "1.0.0"))
+        if command == "VERSION":
+            return respond(200, {"cniVersion": version, "supportedVersions": cni.SUPPORTED})
+        handler = handlers.get(command)
+        if handler is None:
+            return _cni_error(400, cni.INVALID_ENVIRONMENT, f"unknown CNI_COMMAND {command!r}")
+        inner = Request("POST", f"/v1/cni/{command.lower()}", {}, json.dumps(pod).encode())
+        status, _, body = await handler(inner, manager, pods)
+        if status != 200:
+            refused = cni.refused(command, status, json.loads(body or b"null"))
+            return _cni_error(status, refused.code, str(refused), refused.details)
+        if command != "ADD":
+            return 200, "application/json", b""
+        return respond(200, {"cniVersion": version, **json.loads(body)})
 
     flow_list = flows_route(flows)
 
@@ -365,6 +421,7 @@ def routes(
         "POST /v1/cni/add": needs_pods(cni_add),
         "POST /v1/cni/del": needs_pods(cni_del),
         "POST /v1/cni/check": needs_pods(cni_check),
+        "POST /v1/cni/exec": as_cni_errors(needs_pods(cni_exec)),
         "/v1/status": status,
         "/v1/view": view,
         "POST /v1/endpoints": needs_manager(create_endpoint),

@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -35,7 +36,7 @@ import msgspec
 from clustermesh.daemon import client
 from clustermesh.model.api import ApiError
 
-__all__ = ["main"]
+__all__ = ["CNIError", "REASON_CODES", "SUPPORTED", "main", "pod_request", "refused"]
 
 SUPPORTED = ["0.4.0", "1.0.0"]
 DEFAULT_SOCKET = "/run/clustermesh/agent.sock"
@@ -70,9 +71,9 @@ class CNIError(Exception):
         self.details = details
 
 
-def _cni_args() -> dict[str, str]:
+def _cni_args(env: Mapping[str, str]) -> dict[str, str]:
     args = {}
-    for part in os.environ.get("CNI_ARGS", "").split(";"):
+    for part in env.get("CNI_ARGS", "").split(";"):
         key, sep, value = part.partition("=")
         if sep:
             args[key] = value
@@ -96,17 +97,6 @@ def _labels(config: dict[str, Any], args: dict[str, str]) -> dict[str, str]:
     return labels
 
 
-def _env(name: str) -> str:
-    value = os.environ.get(name, "")
-    if not value:
-        raise CNIError(
-            INVALID_ENVIRONMENT,
-            f"{name} is not set",
-            "the runtime must set CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME",
-        )
-    return value
-
-
 async def _call(socket: str, path: str, body: Any) -> tuple[int, Any]:
     """POST to the agent; (status, decoded JSON). Only answers that are not JSON at all are errors here."""
     try:
@@ -122,7 +112,7 @@ async def _call(socket: str, path: str, body: Any) -> tuple[int, Any]:
                        answer.body[:200].decode(errors="replace")) from None  # fmt: skip
 
 
-def _refused(command: str, status: int, answer: Any) -> CNIError:
+def refused(command: str, status: int, answer: Any) -> CNIError:
     """The agent's error as a CNI error, with the code of its reason (11 for what may pass: retry)."""
     try:
         error = msgspec.convert(answer, ApiError)
@@ -132,38 +122,48 @@ def _refused(command: str, status: int, answer: Any) -> CNIError:
     return CNIError(code, f"the agent refused {command}: {error.error}", error.reason)
 
 
+def pod_request(config: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """What the agent is asked, from the CNI environment and configuration: the plugin and the agent's
+    `/v1/cni/exec` (the plugin of hosts without Python) build it alike. Raises CNIError."""
+    args = _cni_args(env)
+    container = env.get("CNI_CONTAINERID", "")
+    if not container:
+        raise CNIError(INVALID_ENVIRONMENT, "CNI_CONTAINERID is not set",
+                       "the runtime must set CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME")  # fmt: skip
+    return {
+        "containerID": container,
+        "netns": env.get("CNI_NETNS", ""),
+        "ifname": env.get("CNI_IFNAME", "") or "eth0",
+        "namespace": args.get("K8S_POD_NAMESPACE", "default"),
+        "name": args.get("K8S_POD_NAME", "") or container[:40].lower(),
+        "labels": _labels(config, args),
+    }
+
+
 def run(command: str, config: dict[str, Any]) -> dict[str, Any] | None:
     version = str(config.get("cniVersion", "1.0.0"))
     if command == "VERSION":
         return {"cniVersion": version, "supportedVersions": SUPPORTED}
     socket = str(config.get("agentSocket") or DEFAULT_SOCKET)
-    args = _cni_args()
-    request = {
-        "containerID": _env("CNI_CONTAINERID"),
-        "netns": os.environ.get("CNI_NETNS", ""),
-        "ifname": os.environ.get("CNI_IFNAME", "eth0"),
-        "namespace": args.get("K8S_POD_NAMESPACE", "default"),
-        "name": args.get("K8S_POD_NAME", "") or _env("CNI_CONTAINERID")[:40].lower(),
-        "labels": _labels(config, args),
-    }
+    request = pod_request(config, os.environ)
     if command == "ADD":
         if not request["netns"]:
             raise CNIError(INVALID_ENVIRONMENT, "CNI_NETNS is not set")
         status, answer = asyncio.run(_call(socket, "/v1/cni/add", request))
         if status != 200:
-            raise _refused("ADD", status, answer)
+            raise refused("ADD", status, answer)
         if not isinstance(answer, dict):
             raise CNIError(AGENT_FAILED, "the agent answered ADD without a result object", repr(answer)[:200])
         return {"cniVersion": version, **answer}
     if command == "DEL":
         status, answer = asyncio.run(_call(socket, "/v1/cni/del", request))
         if status != 200:
-            raise _refused("DEL", status, answer)
+            raise refused("DEL", status, answer)
         return None
     if command == "CHECK":
         status, answer = asyncio.run(_call(socket, "/v1/cni/check", request))
         if status != 200:
-            raise _refused("CHECK", status, answer)
+            raise refused("CHECK", status, answer)
         return None
     raise CNIError(
         INVALID_ENVIRONMENT, f"unknown CNI_COMMAND {command!r}; this plugin knows ADD, DEL, CHECK and VERSION"

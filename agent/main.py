@@ -59,8 +59,9 @@ from clustermesh.model.clusters import ClusterInfo
 from clustermesh.model.errors import InvalidValue, ModelError
 from clustermesh.model.kinds import Kind, Object, kind_by_name
 from clustermesh.resources.informing import Informer
+from clustermesh.resources.kubernetes import KubernetesStore
 from clustermesh.resources.opening import open_resource_store
-from clustermesh.resources.store import ResourceStore
+from clustermesh.resources.store import ResourceError, ResourceStore
 from kvstore import errors, etcd
 from kvstore.config import EtcdConfig
 from kvstore.reconnecting import connect_until_up
@@ -234,6 +235,10 @@ class Agent:
     def _skipped_objects(self) -> dict[str, str]:
         return dict(getattr(self.store, "skipped", None) or {})
 
+    async def _pod_labels(self, namespace: str, name: str) -> dict[str, str]:
+        store = self.store
+        return await store.pod_labels(namespace, name) if isinstance(store, KubernetesStore) else {}
+
     def _pod_of_netns(self, cookie: int) -> tuple[str, int] | None:
         endpoint = self.enforcer.endpoint_by_netns(cookie) if self.enforcer is not None else None
         return (endpoint.ip, endpoint.identity) if endpoint is not None else None
@@ -384,6 +389,7 @@ class Agent:
                 health=lambda: self.health,
                 allocator=lambda: self.allocator,
                 lb=lambda: self.lb,
+                pod_labels=self._pod_labels if self.settings.source == "kubernetes" else None,
             )
             if self.settings.hubble_address is not None:  # a relay on this host learns the mesh's nodes here
                 routes["/v1/peers"] = api.peers_route(self.mesh, self.settings.hubble_address[1])
@@ -470,6 +476,34 @@ async def _run_until_signalled(agent: Agent) -> None:
     log.info("stopped")
 
 
+FROM_NODE = "from-node"
+
+
+async def pod_cidrs_from_node(
+    kubeconfig: str | None, context: str | None, node: str, *, every: float = 2.0
+) -> list[str]:
+    """This node's pod CIDRs as Kubernetes assigned them (`--pod-cidr from-node`, as the chart runs the agent), waited
+    for: a Node gets them from the controller manager a moment after it registers."""
+    store = KubernetesStore.from_kubeconfig(kubeconfig, context)
+    said = ""
+    try:
+        while True:
+            try:
+                cidrs = await store.node_pod_cidrs(node)
+                if cidrs:
+                    log.info("Node %s: pod CIDRs %s", node, ", ".join(cidrs))
+                    return cidrs
+                problem = f"Node {node} has no pod CIDR yet (kube-controller-manager --allocate-node-cidrs)"
+            except ResourceError as exc:
+                problem = str(exc)
+            if problem != said:
+                log.warning("waiting for this node's pod CIDRs: %s", problem)
+                said = problem
+            await asyncio.sleep(every)
+    finally:
+        await store.close()
+
+
 def router_ip(pod_cidr: str) -> str:
     """The node's own address in its pod CIDR: the first host (pods reach the rest of the mesh through it)."""
     return str(next(ipaddress.ip_network(pod_cidr, strict=False).hosts()))
@@ -524,7 +558,9 @@ def _boot_id() -> str:
 @click.option("--max-connected-clusters", default="255", type=click.Choice(["255", "511"]), show_default=True)
 @click.option("--node-name", default=socket.gethostname(), show_default=True)
 @click.option("--node-ip", "node_ips", multiple=True, help="This node's InternalIP (repeat for IPv6).")
-@click.option("--pod-cidr", "pod_cidrs", multiple=True, help="This node's pod CIDR (repeat for IPv6).")
+@click.option("--pod-cidr", "pod_cidrs", multiple=True,
+              help="This node's pod CIDR (repeat for IPv6); `from-node`: the Node's spec.podCIDRs, read from "
+                   "Kubernetes (with --source kubernetes).")  # fmt: skip
 @click.option("--health-ip", default="", help="This node's health endpoint IP.")
 @click.option("--cilium-internal-ip", default="", help="This node's router IP inside the pod network.")
 @click.option("--kvstore-endpoints", required=True, multiple=True, help="The local cluster's etcd, https://HOST:PORT.")
@@ -659,6 +695,11 @@ def main(**params: Any) -> None:
         health_checking=params["health_checking"],
         health_port=params["health_port"],
     )
+    if settings.pod_cidrs == [FROM_NODE]:
+        if settings.source != "kubernetes":
+            raise click.UsageError("--pod-cidr from-node reads the Node from Kubernetes: it needs --source kubernetes")
+        settings = dataclasses.replace(settings, pod_cidrs=asyncio.run(
+            pod_cidrs_from_node(settings.kubeconfig, settings.kube_context, settings.node_name)))  # fmt: skip
     try:
         agent = Agent(settings)
     except InvalidValue as exc:  # this node's own CIDRs and addresses, checked as every node's are

@@ -2,7 +2,7 @@
 # Run the test tiers one after the other (unit, integration, e2e), so a failure says which tier broke.
 # pytest exits 5 when a tier holds no tests: that is not a failure of the suite, it is said and passed over.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 PYTEST=.venv/bin/pytest
 # Python 3.11 parses the source line of every formatted traceback (for its ^^^ markers), and gRPC formats one on
 # every cancelled stream. When that runs inside a garbage-collected task's finaliser in the middle of another parse

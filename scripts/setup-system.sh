@@ -27,6 +27,7 @@ PACKAGES=(
   nftables        # bench/policy.py: the nftables baseline of a policy
   chromium        # the browser test of `clustermesh ui` (headless)
   chromium-driver # chromedriver, through which Selenium drives it
+  shellcheck      # checks the shell scripts (the CNI plugin of nodes without Python, scripts/)
 )
 # From bookworm-backports (Debian's own archive): wireguard-go 0.0.20231211 has UDP GSO/GRO and TUN offloads, about
 # 5x the throughput of bookworm's 0.0.20220316 on these machines (DESIGN section 8).

@@ -19,6 +19,8 @@ kinds), `Kind.collection_path(namespace)` and `.../<name>`:
 Not implemented: authentication, PATCH, subresources, label and field selectors, resourceVersionMatch, deletion
 options, namespaces that must exist before their objects (the real server refuses an object in a missing one).
 
+Also GET of one core Node (`/api/v1/nodes/<name>`) from `nodes`, and of one Pod from `pods`: dicts the test fills.
+
 Test controls: `compact()`, `break_watches()` (the connections drop mid-stream), `end_watches()` (the streams end
 cleanly, as at the server's timeout), `bookmark()`, `fail_next(code, reason)` (answer the next request with that
 Status), `put_raw(obj)` (store an object bypassing validation), `objects(kind)`, `open_watches()` /
@@ -34,6 +36,7 @@ import contextlib
 import copy
 import datetime
 import json
+import re
 import socket
 import threading
 import time
@@ -167,6 +170,10 @@ class StandinAPIServer:
         self.history_limit = history_limit
         #: every request, in order
         self.requests: list[StandinRequest] = []
+        #: core Nodes by name, for GET /api/v1/nodes/<name> only (the agent's `--pod-cidr from-node`)
+        self.nodes: dict[str, Object] = {}
+        #: core Pods by (namespace, name), for GET of one only (the agent reads a new pod's labels)
+        self.pods: dict[tuple[str, str], Object] = {}
         #: when True, every `continue` token is answered 410 Expired (as after a compaction between pages)
         self.expire_continue_tokens = False
         self._cond = threading.Condition()
@@ -328,6 +335,21 @@ class StandinAPIServer:
 
     # --- HTTP
 
+    def _node(self, name: str) -> Object:
+        """GET of a core Node (the agent reads its own pod CIDRs): the ones `nodes` holds."""
+        with self._cond:
+            found = self.nodes.get(name)
+        if found is None:
+            raise _status(404, "NotFound", f'nodes "{name}" not found', {"name": name, "kind": "nodes"})
+        return copy.deepcopy(found)
+
+    def _pod(self, namespace: str, name: str) -> Object:
+        with self._cond:
+            found = self.pods.get((namespace, name))
+        if found is None:
+            raise _status(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+        return copy.deepcopy(found)
+
     def _route(self, path: str) -> tuple[Kind, str | None, str | None]:
         """(kind, namespace or None, name or None) of a path, or a plain-text 404 like the real server's."""
         for prefix in self._prefixes:
@@ -355,6 +377,13 @@ class StandinAPIServer:
             body = self._body(handler) if has_body else None  # read first: the connection goes on
             if failure is not None:
                 raise failure
+            if method == "GET" and url.path.startswith("/api/v1/nodes/"):
+                handler.send_json(200, self._node(unquote(url.path.removeprefix("/api/v1/nodes/"))))
+                return
+            pod = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)", url.path)
+            if method == "GET" and pod is not None:
+                handler.send_json(200, self._pod(unquote(pod[1]), unquote(pod[2])))
+                return
             kind, namespace, name = self._route(url.path)
             if method == "GET" and name is None and query.get("watch") in ("true", "1"):
                 self._watch(handler, kind, namespace, query)

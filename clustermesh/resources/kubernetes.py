@@ -72,6 +72,11 @@ _READ_SIZE = 64 * 1024
 _MIN_WATCH_SECONDS = 1.0
 
 
+#: core Nodes are no kind of the mesh's; the agent only reads its own Node's pod CIDRs
+_NODE = Kind("Node", "", "v1", "nodes", False, ())
+_POD = Kind("Pod", "", "v1", "pods", True, ())
+
+
 class _StatusError(Exception):
     """A non-2xx answer (or a watch ERROR event) before translation: its code and the server's Status, if any."""
 
@@ -282,6 +287,26 @@ class KubernetesStore:
             where = path or "the default kubeconfig"
             raise ResourceError(f"cannot load {where}{f' (context {context})' if context else ''}: {exc}") from exc
         return cls(configuration, **options)
+
+    async def node_pod_cidrs(self, node: str) -> list[str]:
+        """The pod CIDRs Kubernetes gave a Node (`spec.podCIDRs`, or the older `spec.podCIDR`): empty until its
+        controller manager assigned them. Raises `NotFound` for a Node that does not exist."""
+        with _translating(f"read Node {node}", _NODE):
+            document = await self._request("GET", f"/api/v1/nodes/{node}")
+        spec = document.get("spec") or {}
+        cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+        return [str(cidr) for cidr in cidrs]
+
+    async def pod_labels(self, namespace: str, name: str) -> dict[str, str]:
+        """A Pod's labels (a CNI plugin is told none: the agent asks for them, as Cilium's does). A Pod that is not
+        there (a runtime that is not Kubernetes') has none."""
+        try:
+            with _translating(f"read Pod {namespace}/{name}", _POD):
+                document = await self._request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+        except NotFound:
+            return {}
+        labels = (document.get("metadata") or {}).get("labels") or {}
+        return {str(key): str(value) for key, value in labels.items()}
 
     async def close(self) -> None:
         """Close the open watches (they raise Unavailable) and the connection pool."""

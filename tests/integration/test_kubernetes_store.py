@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes.client import Configuration
 
 from clustermesh.model.kinds import Kind, kind_by_name
@@ -471,3 +472,48 @@ current-context: nowhere
         await store.close()
     with pytest.raises(ResourceError, match=r"cannot load .*kubeconfig \(context missing\)"):
         KubernetesStore.from_kubeconfig(str(kubeconfig), "missing")
+
+
+# --- the agent's own Node (`clustermesh-agent --pod-cidr from-node`, as the Helm chart runs it)
+
+
+async def test_the_agent_waits_for_its_nodes_pod_cidrs_and_takes_them(server: StandinAPIServer, tmp_path: Path) -> None:
+    from agent.main import pod_cidrs_from_node
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "standin",
+        "clusters": [{"name": "standin", "cluster": {"server": server.url}}],
+        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+    }))  # fmt: skip
+    waiting = asyncio.create_task(pod_cidrs_from_node(str(kubeconfig), None, "kind-worker", every=0.05))
+    await asyncio.sleep(0.3)
+    assert not waiting.done(), "no such Node yet: it waits"
+    server.nodes["kind-worker"] = {"metadata": {"name": "kind-worker"}, "spec": {}}
+    await asyncio.sleep(0.3)
+    assert not waiting.done(), "a Node without a pod CIDR yet: it waits"
+    server.nodes["kind-worker"] = {
+        "metadata": {"name": "kind-worker"},
+        "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00::/64"]},
+    }
+    assert await asyncio.wait_for(waiting, 5) == ["10.244.1.0/24", "fd00::/64"]
+    assert any(r.path == "/api/v1/nodes/kind-worker" for r in server.requests)
+
+
+async def test_an_older_node_with_only_spec_pod_cidr_is_read_too(
+    server: StandinAPIServer, store: KubernetesStore
+) -> None:
+    server.nodes["old"] = {"metadata": {"name": "old"}, "spec": {"podCIDR": "10.1.2.0/24"}}
+    assert await store.node_pod_cidrs("old") == ["10.1.2.0/24"]
+    with pytest.raises(NotFound):
+        await store.node_pod_cidrs("missing")
+
+
+async def test_a_pods_labels_are_read_for_the_cni_which_is_told_none(
+    server: StandinAPIServer, store: KubernetesStore
+) -> None:
+    server.pods[("shop", "web-1")] = {"metadata": {"name": "web-1", "namespace": "shop",
+                                                   "labels": {"app": "web", "tier": "front"}}}  # fmt: skip
+    assert await store.pod_labels("shop", "web-1") == {"app": "web", "tier": "front"}
+    assert await store.pod_labels("shop", "gone") == {}, "no Pod: no labels (a runtime that is not Kubernetes')"

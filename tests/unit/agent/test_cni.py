@@ -335,6 +335,6 @@ def test_no_labels_anywhere_is_no_labels() -> None:
     assert cni._labels({"args": {}}, {"K8S_POD_NAME": "web"}) == {}
 
 
-def test_cni_args_are_split_on_semicolons(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=web-1;CLUSTERMESH_LABELS=a:b,c:d;junk")
-    assert cni._cni_args() == {"IgnoreUnknown": "1", "K8S_POD_NAME": "web-1", "CLUSTERMESH_LABELS": "a:b,c:d"}
+def test_cni_args_are_split_on_semicolons() -> None:
+    env = {"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=web-1;CLUSTERMESH_LABELS=a:b,c:d;junk"}
+    assert cni._cni_args(env) == {"IgnoreUnknown": "1", "K8S_POD_NAME": "web-1", "CLUSTERMESH_LABELS": "a:b,c:d"}
