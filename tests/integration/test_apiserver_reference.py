@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from kubernetes.client import Configuration
 
+from clustermesh.lab.standin import StandinAPIServer
 from clustermesh.resources.kubernetes import KubernetesStore
 from clustermesh.resources.standalone import StandaloneStore
 from kvstore import etcd
 from kvstore.backend import PutOp
 from tests.integration.apiserver_env import Bench, bench
 from tests.integration.conftest import EtcdCluster
-from tests.k8s_standin import StandinAPIServer
 
 # --- inputs (from the reference scripts)
 

@@ -211,7 +211,7 @@ async def test_connect_writes_through_the_clusters_store_whatever_its_source(
     """c1's resources live in Kubernetes (the stand-in API server: no real one runs here): its agents, started with
     --source kubernetes, read ClusterMeshRemote objects from there, so that is where connect must write c1's side.
     c2 stays standalone. Disconnect removes both again."""
-    from tests.k8s_standin import StandinAPIServer
+    from clustermesh.lab.standin import StandinAPIServer
 
     server = StandinAPIServer().start()
     try:

@@ -1,4 +1,4 @@
-"""KubernetesStore against the stand-in API server (tests/k8s_standin.py): no kube-apiserver can run here.
+"""KubernetesStore against the stand-in API server (clustermesh/lab/standin.py): no kube-apiserver can run here.
 
 Every wait is on an event (the next watch event, a watch being open), never a fixed sleep.
 """
@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kubernetes.client import Configuration
 
+from clustermesh.lab.standin import StandinAPIServer
 from clustermesh.model.kinds import Kind, kind_by_name
 from clustermesh.resources.kubernetes import KubernetesStore
 from clustermesh.resources.store import (
@@ -29,7 +30,6 @@ from clustermesh.resources.store import (
     WatchEvent,
 )
 from clustermesh.resources.testing import check_gone, check_store, node, service
-from tests.k8s_standin import StandinAPIServer
 
 CILIUM_NODE = kind_by_name("CiliumNode")
 SERVICE = kind_by_name("Service")
