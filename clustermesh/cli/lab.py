@@ -52,10 +52,14 @@ def _lab_name(positional: str | None, option: str | None) -> str:
 @click.option("--pods", default=2, show_default=True, help="Pods per node.")
 @click.option("--routing", type=click.Choice(["wireguard", "ipsec", "vxlan", "native"]), default="wireguard",
               show_default=True)  # fmt: skip
+@click.option("--source", type=click.Choice(["standalone", "kubernetes"]), default="standalone",
+              show_default=True,
+              help="Where each cluster's resources live: its etcd, or a stand-in Kubernetes API server per cluster "
+                   "(the apiserver and agents then run with --source kubernetes, each with its own token).")  # fmt: skip
 @click.option("--agent-arg", "agent_args", multiple=True, metavar="FLAG",
               help="A flag for every agent, as `--agent-arg=--policy-default-local-cluster=false`; repeat for more "
                    "(nodes added later get them too).")  # fmt: skip
-def lab_up(lab: str | None, name: str | None, clusters: int, nodes: int, pods: int, routing: str,
+def lab_up(lab: str | None, name: str | None, clusters: int, nodes: int, pods: int, routing: str, source: str,
            agent_args: tuple[str, ...]) -> None:  # fmt: skip
     """Build the lab: underlay, per cluster etcd and apiserver, per node an agent, pods, all clusters connected."""
     from clustermesh.lab.lab import Lab, LabExists
@@ -64,7 +68,7 @@ def lab_up(lab: str | None, name: str | None, clusters: int, nodes: int, pods: i
     name = _lab_name(lab, name)
 
     def up() -> None:
-        lab = Lab(LabLayout(name, clusters, nodes, pods, routing), progress=output.step)
+        lab = Lab(LabLayout(name, clusters, nodes, pods, routing, source), progress=output.step)
         lab.state.agent_args = list(agent_args)
         try:
             lab.up()
@@ -130,7 +134,7 @@ def lab_status(lab_name: str | None, name: str | None, output_format: str) -> No
         rows.append((node_name, "yes" if found.ready else "no", len(found.clusters), len(datapath.peers),
                      datapath.driver, error))  # fmt: skip
     output.print_table(["NODE", "READY", "CLUSTERS", "PEERS", "DATAPATH", "ERROR"], rows,
-                       title=f"lab {name} ({state.routing})")  # fmt: skip
+                       title=f"lab {name} ({state.routing}, {state.source})")  # fmt: skip
     output.print_table(["POD", "IP", "NODE"], [(p, d["ip"], d["node"]) for p, d in sorted(state.pods.items())])
 
 

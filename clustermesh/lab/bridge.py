@@ -93,9 +93,11 @@ def host_contexts(ctx: LabContext) -> Path:
     contexts = ContextFile(ctx.state_dir / "host-contexts.yaml")
     for cluster in ctx.layout.all_clusters():
         config = ctx.config(cluster.index, "root")
+        host_kubeconfig = str(ctx.kubeconfig(cluster.index, "host")) if ctx.layout.source == "kubernetes" else None
         contexts.add(Context(cluster.name, [f"https://127.0.0.1:{running.ports[cluster.name]}"],
                              str(config.ca_file), str(config.cert_file), str(config.key_file),
-                             relay=str(ctx.relay_socket(cluster.index))))  # fmt: skip
+                             relay=str(ctx.relay_socket(cluster.index)), source=ctx.layout.source,
+                             kubeconfig=host_kubeconfig))  # fmt: skip
     contexts.current = ctx.layout.cluster(1).name
     contexts.save()
     return contexts.path

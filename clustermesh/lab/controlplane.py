@@ -6,27 +6,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import time
+from pathlib import Path
+
+import yaml
 
 import certs
+from certs.files import write_atomic
 from clustermesh import connecting
 from clustermesh.contexts import Context, ContextFile
 from clustermesh.lab import netns
 from clustermesh.lab.layout import LabError
+from clustermesh.lab.standin import STANDIN_PORT
 from clustermesh.lab.state import BIN, LabContext
 from clustermesh.model import keys
 from clustermesh.model.kinds import kind_by_name
+from clustermesh.processes.child import Child
 from clustermesh.processes.etcd import EtcdProcess, EtcdSpec
-from clustermesh.resources.standalone import StandaloneStore
+from clustermesh.resources.opening import open_resource_store
 from kvstore import etcd, users
 from kvstore.backend import wait_for_key
 
 __all__ = [
     "connect_all", "delete_node_objects", "init_users", "make_pki", "restart_etcd", "start_apiserver", "start_etcd",
-    "wipe_etcd",
+    "start_standin", "wipe_etcd",
 ]  # fmt: skip
 
 
@@ -126,9 +134,64 @@ async def init_users(ctx: LabContext, clusters: list[int] | None = None) -> None
             await users.ensure_cluster_users(backend, cluster.name)
         finally:
             await backend.close()
+        kubeconfig = _kubeconfig_of(ctx, cluster.index, "admin")
         contexts.add(Context(cluster.name, config.endpoints, str(config.ca_file), str(config.cert_file),
-                             str(config.key_file), relay=str(ctx.relay_socket(cluster.index))))  # fmt: skip
+                             str(config.key_file), relay=str(ctx.relay_socket(cluster.index)),
+                             source=ctx.layout.source, kubeconfig=kubeconfig))  # fmt: skip
     contexts.save()
+
+
+#: with `--source kubernetes`, what each service account may write in its cluster's stand-in API server (RBAC's
+#: shape: the apiserver only reads; an agent writes its node, its endpoints and their identities; admin: all)
+STANDIN_GRANTS: dict[str, list[str] | None] = {
+    "apiserver": [],
+    "agent": ["CiliumNode", "CiliumEndpoint", "CiliumIdentity"],
+    "admin": None,
+}
+
+
+def _kubeconfig(path: Path, server: str, user: str, token: str) -> None:
+    document = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "lab", "cluster": {"server": server}}],
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": user}}],
+        "users": [{"name": user, "user": {"token": token}}],
+    }  # fmt: skip
+    write_atomic(path, yaml.safe_dump(document, sort_keys=False).encode(), mode=0o600)
+
+
+def start_standin(ctx: LabContext, index: int) -> None:
+    """The cluster's stand-in Kubernetes API server (`--source kubernetes`): in its control-plane namespace at
+    CP_IP:6443 for the cluster's daemons, and on the host's loopback for the lab's commands; a token per service
+    account, each allowed what its RBAC role would be."""
+    cluster = ctx.layout.cluster(index)
+    folder = ctx.state_dir / cluster.name
+    tokens = {user: secrets.token_hex(16) for user in STANDIN_GRANTS}
+    grants = folder / "standin-grants.json"
+    write_atomic(grants, json.dumps({tokens[u]: {"user": f"system:serviceaccount:kube-system:clustermesh-{u}",
+                                                 "writes": w} for u, w in STANDIN_GRANTS.items()}).encode(),
+                 mode=0o600)  # fmt: skip
+    state = folder / "standin.json"
+    state.unlink(missing_ok=True)
+    address = f"{cluster.control_plane_ip}:{STANDIN_PORT}"
+    child = Child(f"standin-{cluster.name}", [str(BIN / "python"), "-m", "clustermesh.lab.standin", "--namespace",
+                                              cluster.control_plane_netns, "--address", address, "--grants",
+                                              str(grants), "--state", str(state),
+                                              "--service-cluster-ip-range", cluster.service_cidr],
+                  ctx.state_dir / "logs" / f"standin-{cluster.name}.log")  # fmt: skip
+    child.start()
+    child.wait_for(r"listening on ")
+    host_port = int(json.loads(state.read_text())["host_port"])
+    for user, token in tokens.items():
+        _kubeconfig(ctx.kubeconfig(index, user), f"http://{address}", user, token)
+    _kubeconfig(ctx.kubeconfig(index, "host"), f"http://127.0.0.1:{host_port}", "admin", tokens["admin"])
+    ctx.progress(f"{cluster.name}: stand-in Kubernetes API server (pid {child.pid}) on {address}")
+
+
+def _source_args(ctx: LabContext, index: int, user: str) -> list[str]:
+    if ctx.layout.source != "kubernetes":
+        return ["--source", "standalone"]
+    return ["--source", "kubernetes", "--kubeconfig", str(ctx.kubeconfig(index, user))]
 
 
 def start_apiserver(ctx: LabContext, index: int) -> None:
@@ -139,12 +202,13 @@ def start_apiserver(ctx: LabContext, index: int) -> None:
         cluster.control_plane_netns,
         [
             str(BIN / "clustermesh-apiserver"), "--cluster-name", cluster.name, "--cluster-id", str(cluster.id),
-            "--source", "standalone", "--kvstore-endpoints", cluster.etcd_url,
+            *_source_args(ctx, index, "apiserver"), "--kvstore-endpoints", cluster.etcd_url,
             "--kvstore-ca", str(config.ca_file), "--kvstore-cert", str(config.cert_file),
             "--kvstore-key", str(config.key_file),
             "--health-address", f"{cluster.control_plane_ip}:9880",
             "--metrics-address", f"{cluster.control_plane_ip}:9962",
-            "--service-cluster-ip-range", cluster.service_cidr,
+            # ClusterIPs: the apiserver gives them from the standalone store; Kubernetes' API server does it itself
+            *(["--service-cluster-ip-range", cluster.service_cidr] if ctx.layout.source == "standalone" else []),
         ],
         r"every prefix synced",
     )  # fmt: skip
@@ -173,12 +237,17 @@ async def connect_all(ctx: LabContext, *, only: str | None = None) -> None:
 async def delete_node_objects(ctx: LabContext, cluster: int, node_name: str, pods: list[tuple[str, str]]) -> None:
     """What a Kubernetes control plane does when a node goes: its CiliumNode and its pods' endpoints are deleted."""
     backend = await etcd.connect(ctx.config(cluster, f"admin-c{cluster}"))
+    store = open_resource_store(ctx.layout.source, backend, _kubeconfig_of(ctx, cluster, "admin"), None)
     try:
-        store = StandaloneStore(backend)
         for namespace, pod in pods:
             with contextlib.suppress(Exception):
                 await store.delete(kind_by_name("CiliumEndpoint"), pod, namespace)
         with contextlib.suppress(Exception):  # a node that never got as far as publishing itself
             await store.delete(kind_by_name("CiliumNode"), node_name)
     finally:
+        await store.close()
         await backend.close()
+
+
+def _kubeconfig_of(ctx: LabContext, cluster: int, user: str) -> str | None:
+    return str(ctx.kubeconfig(cluster, user)) if ctx.layout.source == "kubernetes" else None

@@ -74,6 +74,8 @@ class Lab(LabContext):
         underlay.build(self)
         for cluster in layout.all_clusters():
             controlplane.start_etcd(self, cluster.index)
+            if layout.source == "kubernetes":  # from the host's namespace: its second listener is on the loopback
+                controlplane.start_standin(self, cluster.index)
         netns.enter(layout.world_netns)
         asyncio.run(controlplane.init_users(self))
         for cluster in layout.all_clusters():

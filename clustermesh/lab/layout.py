@@ -159,6 +159,8 @@ class LabLayout:
     nodes: int
     pods: int
     routing: str = "wireguard"
+    #: where each cluster's resources live: its etcd's registry/ prefix, or a stand-in Kubernetes API server
+    source: str = "standalone"
 
     def __post_init__(self) -> None:
         validate_lab_name(self.name)
@@ -168,6 +170,8 @@ class LabLayout:
                 raise LabError(f"--{what} {value} is out of range 1..{limit}")
         if self.routing not in ("wireguard", "ipsec", "vxlan", "native"):
             raise LabError(f"--routing {self.routing!r}: choose wireguard, ipsec, vxlan or native")
+        if self.source not in ("standalone", "kubernetes"):
+            raise LabError(f"--source {self.source!r}: choose standalone or kubernetes")
 
     @property
     def world_netns(self) -> str:

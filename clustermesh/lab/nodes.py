@@ -77,6 +77,12 @@ def start_relay(ctx: LabContext, cluster: int) -> None:
     ctx.progress(f"c{cluster}: clustermesh-relay (pid {child.pid}), flows of every node at {ctx.relay_socket(cluster)}")
 
 
+def _agent_source(ctx: LabContext, node: NodeLayout) -> list[str]:
+    if ctx.layout.source != "kubernetes":
+        return []
+    return ["--source", "kubernetes", "--kubeconfig", str(ctx.kubeconfig(node.cluster, "agent"))]
+
+
 def start_agent(ctx: LabContext, node: NodeLayout) -> None:
     directory = ctx.node_dir(node)
     (directory / "remotes").mkdir(parents=True, exist_ok=True)
@@ -95,7 +101,7 @@ def start_agent(ctx: LabContext, node: NodeLayout) -> None:
             "--api-socket", str(ctx.socket(node)), "--datapath", ctx.layout.routing,
             "--wireguard-interface", node.wireguard_interface, "--wireguard-port", str(WIREGUARD_PORT),
             "--pod-supernet", POD_SUPERNET, "--identity-gc-grace", "60", *ipsec, *hubble_credentials(ctx, node),
-            "--bpf-pin-dir", str(ctx.layout.bpf_dir / node.name),
+            "--bpf-pin-dir", str(ctx.layout.bpf_dir / node.name), *_agent_source(ctx, node),
             "--metrics-address", f"{node.ip}:{AGENT_METRICS_PORT}",
             "--cgroup-root", str(cgroups.make(cgroups.node_cgroup(ctx.layout.name, node.name))),
             *ctx.state.agent_args,

@@ -20,7 +20,7 @@ from clustermesh.lab.layout import LabError
 from clustermesh.lab.state import LabContext
 from clustermesh.model.kinds import kind_by_name
 from clustermesh.model.serviceips import cluster_ip
-from clustermesh.resources.standalone import StandaloneStore
+from clustermesh.resources.store import ResourceStore
 from clustermesh.resources.writing import create_or_update
 from kvstore import etcd
 
@@ -60,11 +60,11 @@ def service_manifest(name: str, namespace: str, selector: dict[str, str], ports:
             "spec": {"selector": selector, "ports": ports}}  # fmt: skip
 
 
-async def _store(ctx: LabContext, cluster: int) -> tuple[Any, StandaloneStore]:
+async def _store(ctx: LabContext, cluster: int) -> tuple[Any, ResourceStore]:
     config = host_contexts(ctx)
     context = ContextFile.load(config).get(f"c{cluster}")
     backend = await etcd.connect(context.etcd_config(config.parent))
-    return backend, StandaloneStore(backend)
+    return backend, context.open_store(backend)
 
 
 def _pods_of(ctx: LabContext, cluster: int, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
@@ -102,10 +102,11 @@ async def sync_slices(ctx: LabContext, cluster: int) -> None:
             pods = _pods_of(ctx, cluster, namespace, service["selector"])
             await create_or_update(store, endpoint_slice(name, namespace, service["ports"], pods))
     finally:
+        await store.close()
         await backend.close()
 
 
-async def _cluster_ip(store: StandaloneStore, name: str, namespace: str) -> str:
+async def _cluster_ip(store: ResourceStore, name: str, namespace: str) -> str:
     """The Service's ClusterIP, once the cluster's apiserver has given it (watched, not polled)."""
     listed = await store.list(SERVICE)
     for obj in listed.items:
@@ -141,6 +142,7 @@ async def add_service(ctx: LabContext, cluster: int, name: str, namespace: str, 
         except TimeoutError:
             raise LabError(f"Service {namespace}/{name} got no ClusterIP within {timeout:.0f} s") from None
     finally:
+        await store.close()
         await backend.close()
     return {"name": name, "namespace": namespace, "cluster": f"c{cluster}", "cluster_ip": ip,
             "ports": [f"{p['port']}/{p['protocol']}" for p in ports],

@@ -36,6 +36,7 @@ import contextlib
 import copy
 import datetime
 import json
+import os
 import re
 import socket
 import threading
@@ -43,16 +44,26 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import KINDS, Kind, Object, kind_by_name
+from clustermesh.model.serviceips import PoolExhausted, ServiceIPPool, keep_cluster_ip, needs_cluster_ip
 from clustermesh.model.validation import InvalidObject, validate_object
 
 __all__ = ["StandinAPIServer", "StandinRequest"]
 
 Key = tuple[str, str]  # (namespace or "", name)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one service account may do: read everything, write the kinds named (None: every kind)."""
+
+    user: str
+    writes: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +199,11 @@ class StandinAPIServer:
         self._stopping = False
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._more: list[tuple[_HTTPServer, threading.Thread]] = []  # listeners besides the first (`listen_also`)
+        #: bearer token -> what its holder may do; None: everyone may do everything (the tests' default)
+        self.grants: dict[str, Grant] | None = None
+        #: with a service CIDR, Services get a ClusterIP when created, as from kube-apiserver (None: they do not)
+        self.service_ips: ServiceIPPool | None = None
         # "/api/v1", "/apis/cilium.io/v2", ...: the collection path without its plural
         self._kinds = {(kind.collection_path().rpartition("/")[0], kind.plural): kind for kind in KINDS}
         self._prefixes = {prefix for prefix, _ in self._kinds}
@@ -200,21 +216,33 @@ class StandinAPIServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def start(self) -> StandinAPIServer:
-        httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> StandinAPIServer:
+        self._httpd, self._thread = self._listen(host, port)
+        return self
+
+    def listen_also(self, host: str, port: int) -> tuple[str, int]:
+        """One more listener on the same objects (the lab's: the host's loopback and its cluster's address)."""
+        httpd, thread = self._listen(host, port)
+        self._more.append((httpd, thread))
+        address = httpd.server_address
+        return str(address[0]), int(address[1])
+
+    def _listen(self, host: str, port: int) -> tuple[_HTTPServer, threading.Thread]:
+        httpd = _HTTPServer((host, port), _Handler)
         httpd.standin = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
+        thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="k8s-standin", daemon=True
         )
-        self._thread.start()
-        return self
+        thread.start()
+        return httpd, thread
 
     def stop(self) -> None:
         """End the open watches cleanly, close every connection, and wait for every thread."""
         if self._httpd is None:
             return
         self._httpd.shutdown()
+        for httpd, _ in self._more:
+            httpd.shutdown()
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -226,6 +254,10 @@ class StandinAPIServer:
         self._httpd.server_close()
         assert self._thread is not None
         self._thread.join()
+        for httpd, thread in self._more:
+            httpd.server_close()
+            thread.join()
+        self._more.clear()
         self._httpd = None
 
     def __enter__(self) -> StandinAPIServer:
@@ -335,6 +367,27 @@ class StandinAPIServer:
 
     # --- HTTP
 
+    def _authorize(self, handler: _Handler, method: str, path: str) -> None:
+        """With `grants`: a bearer token must name a grant (401), and a write must be one of its kinds (403)."""
+        if self.grants is None:
+            return
+        token = (handler.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        grant = self.grants.get(token)
+        if grant is None:
+            raise _status(401, "Unauthorized", "Unauthorized")
+        if method == "GET" or grant.writes is None:
+            return
+        kind = self._route(path)[0]
+        if kind.name not in grant.writes:
+            verb = {"POST": "create", "PUT": "update", "DELETE": "delete"}.get(method, method.lower())
+            raise _status(
+                403,
+                "Forbidden",
+                f'{kind.plural} is forbidden: User "{grant.user}" cannot {verb} resource '
+                f'"{kind.plural}" in API group "{kind.group}"',
+                {"kind": kind.plural},
+            )
+
     def _node(self, name: str) -> Object:
         """GET of a core Node (the agent reads its own pod CIDRs): the ones `nodes` holds."""
         with self._cond:
@@ -377,6 +430,7 @@ class StandinAPIServer:
             body = self._body(handler) if has_body else None  # read first: the connection goes on
             if failure is not None:
                 raise failure
+            self._authorize(handler, method, url.path)
             if method == "GET" and url.path.startswith("/api/v1/nodes/"):
                 handler.send_json(200, self._node(unquote(url.path.removeprefix("/api/v1/nodes/"))))
                 return
@@ -445,6 +499,8 @@ class StandinAPIServer:
                         f"({current['metadata']['resourceVersion']}). The object might have been modified",
                     )
                 del self._objects[kind.name][key]
+                if kind.name == "Service" and self.service_ips is not None:
+                    self.service_ips.release(f"{key[0]}/{key[1]}")
                 deleted = copy.deepcopy(current)
                 self._commit(kind, key, None, "DELETED", deleted)
                 return 200, deleted
@@ -527,6 +583,12 @@ class StandinAPIServer:
                 f'{_resource(kind)} "{key[1]}" already exists',
                 {"name": key[1], "group": kind.group, "kind": kind.plural},
             )
+        if kind.name == "Service" and self.service_ips is not None and needs_cluster_ip(obj):
+            try:  # as kube-apiserver does: the next free address of its --service-cluster-ip-range
+                address = self.service_ips.allocate(f"{key[0]}/{key[1]}")
+            except PoolExhausted as exc:
+                raise _status(422, "Invalid", str(exc)) from None
+            obj.setdefault("spec", {}).update({"clusterIP": address, "clusterIPs": [address]})
         metadata["uid"] = str(uuid.uuid4())
         metadata["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._commit(kind, key, obj, "ADDED")
@@ -547,6 +609,12 @@ class StandinAPIServer:
         for field_name in ("uid", "creationTimestamp"):
             if field_name in current["metadata"]:
                 metadata[field_name] = current["metadata"][field_name]
+        if kind.name == "Service" and self.service_ips is not None:
+            try:
+                obj = keep_cluster_ip(current, obj)
+            except ModelError as exc:
+                raise _status(422, "Invalid", str(exc)) from None
+            metadata = obj["metadata"]
         metadata["resourceVersion"] = current["metadata"]["resourceVersion"]
         if obj == current:  # nothing changed: no new revision, no event (as the real server)
             return copy.deepcopy(current)
@@ -612,3 +680,47 @@ class StandinAPIServer:
                 handler.wfile.write(b"0\r\n\r\n")
                 handler.wfile.flush()
                 return
+
+
+# --- a lab cluster's API server: `python -m clustermesh.lab.standin ...`
+
+STANDIN_PORT = 6443
+
+
+def serve_lab(argv: list[str] | None = None) -> None:
+    """One lab cluster's stand-in: listens on the host's loopback first (the lab's commands on the host reach it
+    there, never a lab address), then moves into the cluster's control-plane namespace and listens on its address
+    (its apiserver and agents reach it there). Grants come from a JSON file {token: {"user", "writes"}}; the host
+    port goes to --state as JSON. Until SIGTERM."""
+    import argparse
+    import signal
+
+    from clustermesh.lab import netns
+
+    parser = argparse.ArgumentParser(prog="python -m clustermesh.lab.standin")
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--address", required=True, help="IP:PORT in the namespace")
+    parser.add_argument("--grants", required=True)
+    parser.add_argument("--state", required=True)
+    parser.add_argument("--service-cluster-ip-range", default=None)
+    args = parser.parse_args(argv)
+    grants = json.loads(Path(args.grants).read_text())
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # before any thread: all inherit it
+    standin = StandinAPIServer()
+    standin.grants = {token: Grant(str(g["user"]), None if g.get("writes") is None else frozenset(g["writes"]))
+                      for token, g in grants.items()}  # fmt: skip
+    if args.service_cluster_ip_range:
+        standin.service_ips = ServiceIPPool(args.service_cluster_ip_range)
+    standin.start("127.0.0.1", 0)
+    host_port = int(standin.url.rsplit(":", 1)[1])
+    netns.enter(args.namespace)
+    ip, _, port = args.address.rpartition(":")
+    standin.listen_also(ip, int(port))
+    Path(args.state).write_text(json.dumps({"pid": os.getpid(), "host_port": host_port}))
+    print(f"listening on http://{args.address} and http://127.0.0.1:{host_port}", flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    standin.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    serve_lab()

@@ -50,11 +50,12 @@ class LabState:
     agent_args: list[str] = field(default_factory=list)  # more flags for every agent (`lab up --agent-arg`)
     #: "c1/NS/NAME" -> {"selector", "ports"}: the Services `lab service add` made, whose EndpointSlices it keeps
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "standalone"
 
     @property
     def layout(self) -> LabLayout:
         most = max((max(indexes) for indexes in self.nodes.values() if indexes), default=1)
-        return LabLayout(self.name, self.clusters, most, self.pods_per_node, self.routing)
+        return LabLayout(self.name, self.clusters, most, self.pods_per_node, self.routing, self.source)
 
     def save(self, directory: Path) -> None:
         (directory / "lab.json").write_text(json.dumps(self.__dict__, indent=1, sort_keys=True))
@@ -79,7 +80,7 @@ class LabContext:
         self.layout = layout
         self.progress = progress
         self.state_dir = layout.state_dir
-        self.state = LabState(layout.name, layout.clusters, layout.pods, layout.routing)
+        self.state = LabState(layout.name, layout.clusters, layout.pods, layout.routing, source=layout.source)
         self.ca: certs.Issued | None = None
 
     def pki(self, cluster: int) -> certs.ClusterPKI:
@@ -93,6 +94,11 @@ class LabContext:
 
     def relay_socket(self, cluster: int) -> Path:
         return self.state_dir / f"c{cluster}" / "relay.sock"
+
+    def kubeconfig(self, cluster: int, user: str) -> Path:
+        """With `--source kubernetes`: the kubeconfig of `user` (apiserver, agent, admin; host: admin through the
+        host's loopback) for the cluster's stand-in API server."""
+        return self.state_dir / f"c{cluster}" / f"kubeconfig-{user}.yaml"
 
     def config(self, cluster: int, user: str) -> EtcdConfig:
         pki = self.pki(cluster)

@@ -217,7 +217,7 @@ class LabBuild:
     names are the tests' own)."""
 
     def __init__(self, name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1,
-                 agent_args: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 agent_args: tuple[str, ...] = (), source: str = "standalone") -> None:  # fmt: skip
         self.lab = LabHandle(name, routing)
         if self.lab.leftovers():
             remove_lab(name)
@@ -225,7 +225,8 @@ class LabBuild:
         with self.output.open("w") as out:
             self.process = subprocess.Popen(
                 [str(CLI), "lab", "up", "--name", name, "--clusters", str(clusters), "--nodes", str(nodes),
-                 "--pods", str(pods), "--routing", routing, *(f"--agent-arg={arg}" for arg in agent_args)],
+                 "--pods", str(pods), "--routing", routing, "--source", source,
+                 *(f"--agent-arg={arg}" for arg in agent_args)],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -251,8 +252,9 @@ class LabBuild:
 
 
 def build_lab(name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1,
-              agent_args: tuple[str, ...] = ()) -> LabHandle:  # fmt: skip
-    return LabBuild(name, routing=routing, clusters=clusters, nodes=nodes, pods=pods, agent_args=agent_args).wait()
+              agent_args: tuple[str, ...] = (), source: str = "standalone") -> LabHandle:  # fmt: skip
+    return LabBuild(name, routing=routing, clusters=clusters, nodes=nodes, pods=pods, agent_args=agent_args,
+                    source=source).wait()  # fmt: skip
 
 
 def assert_removed(name: str) -> None:
@@ -264,10 +266,11 @@ def assert_removed(name: str) -> None:
 
 @contextlib.contextmanager
 def lab_owned(name: str, *, routing: str, clusters: int = 2, nodes: int = 2, pods: int = 1,
-              agent_args: tuple[str, ...] = ()) -> Iterator[LabHandle]:  # fmt: skip
+              agent_args: tuple[str, ...] = (), source: str = "standalone") -> Iterator[LabHandle]:  # fmt: skip
     """A lab that is removed at the end whatever happened, and checked to be gone."""
     try:
-        yield build_lab(name, routing=routing, clusters=clusters, nodes=nodes, pods=pods, agent_args=agent_args)
+        yield build_lab(name, routing=routing, clusters=clusters, nodes=nodes, pods=pods, agent_args=agent_args,
+                        source=source)  # fmt: skip
     finally:
         assert_removed(name)
 
