@@ -42,6 +42,7 @@ from kvstore.backend import Backend, ReloadsCredentials
 from kvstore.config import EtcdConfig, load_config_file
 from kvstore.heartbeat import HEARTBEAT_MAX_AGE, HeartbeatReader
 from kvstore.metrics import KVStoreMetrics
+from kvstore.ranges import cidr_key_prefixes
 from kvstore.reconnecting import Backoff
 from kvstore.watching import WatchStore
 
@@ -451,9 +452,20 @@ class RemoteCluster:
                 metrics=self.kvmetrics,
                 on_batch=self.metrics.propagation.labels(self.name).observe if self.metrics else None,
                 on_rejected=lambda key, reason: self._set_changed(),  # status names rejected keys
+                splits=self._ipcache_splits if prefix == keys.IPCACHE_PREFIX else None,
             )
             for prefix, key_prefix in self.decoders.prefixes.items()
         }
+
+    def _ipcache_splits(self) -> list[str]:
+        """Where to split the list of this cluster's ipcache: at its nodes' pod CIDRs (read first; admission lets
+        no entry outside them in), so a million endpoints list in time linear in their number."""
+        cidrs = []
+        for name, node in self.view.nodes.items():
+            if name.startswith(f"{self.name}/"):
+                cidrs += [str(cidr.network()) for cidr in (node.IPv4AllocCIDR, *(node.IPv4SecondaryAllocCIDRs or ()))
+                          if cidr is not None]  # fmt: skip
+        return cidr_key_prefixes(self.stores[keys.IPCACHE_PREFIX].prefix, cidrs)
 
     async def _run_store(self, prefix: str, store: WatchStore[Any], backend: Backend) -> None:
         """Nodes first: the other prefixes are admitted by the addresses the nodes claim (an endpoint listed before

@@ -109,13 +109,14 @@ class Backend(Protocol):
         """The entry at `key`, or None."""
         ...
 
-    async def list_prefix(self, prefix: str) -> Listing:
+    async def list_prefix(self, prefix: str, *, splits: Sequence[str] = ()) -> Listing:
         """Every entry whose key starts with `prefix`, all at one revision (paged as needed)."""
         ...
 
-    def list_pages(self, prefix: str) -> AsyncIterator[Listing]:
-        """The same, page by page (each page's `revision` is the listing's), so a reader can work while the next
-        page comes."""
+    def list_pages(self, prefix: str, *, splits: Sequence[str] = ()) -> AsyncIterator[Listing]:
+        """The same, page by page in key order (each page's `revision` is the listing's), so a reader can work
+        while the next page comes; `splits` are keys where a sub-range may start (kvstore.ranges): they change how
+        the prefix is read, never what is read."""
         ...
 
     async def commit(self, ops: Sequence[WriteOp]) -> int:

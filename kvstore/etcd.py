@@ -21,10 +21,13 @@ import contextlib
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any, NoReturn
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core logs TLS failures to stderr; we report them ourselves
+
+import itertools
 
 import etcd3aio
 import grpc
@@ -35,6 +38,7 @@ from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.maintenance import MaintenanceService
 
 from kvstore import errors, probing
+from kvstore import ranges as ranges_module
 from kvstore.backend import Delete, DeleteOp, Entry, Event, Listing, PutOp, Upsert, WriteOp
 from kvstore.config import Endpoint, EtcdConfig
 
@@ -43,6 +47,8 @@ __all__ = ["EtcdBackend", "connect"]
 log = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 2000
+#: a range with more keys than this left after its first page is split by one keys-only pass (kvstore.ranges)
+SPLIT_ABOVE = 4 * LIST_PAGE_SIZE
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # etcd's default --max-txn-ops: a transaction with more operations is refused.
 MAX_TXN_OPS = 128
@@ -270,10 +276,10 @@ class EtcdBackend:
         kv = response.kvs[0]
         return _entry(kv)
 
-    async def list_prefix(self, prefix: str) -> Listing:
+    async def list_prefix(self, prefix: str, *, splits: Sequence[str] = ()) -> Listing:
         entries: list[Entry] = []
         revision = 0
-        async for page in self.list_pages(prefix):
+        async for page in self.list_pages(prefix, splits=splits):
             entries.extend(page.entries)
             revision = page.revision
         return Listing(entries, revision)
@@ -284,16 +290,36 @@ class EtcdBackend:
                 start, end, revision=revision, limit=LIST_PAGE_SIZE, timeout=max(self.timeout, 60.0)
             )
 
-    async def list_pages(self, prefix: str) -> AsyncIterator[Listing]:
-        """The entries under `prefix` page by page, all at the first page's revision. The next page is asked for
-        before the current one is handed out, so etcd produces it while the caller decodes this one."""
-        end = prefix_range_end(prefix)
-        response = await self._range(prefix, prefix.encode(), end, 0)
+    async def _keys(self, prefix: str, start: bytes, end: bytes, revision: int) -> list[bytes]:
+        with _translating(f"list the keys of {prefix}", user=self.user):
+            response = await self._kv.get(
+                start, end, revision=revision, keys_only=True, timeout=max(self.timeout, 60.0)
+            )
+        return [kv.key for kv in response.kvs]
+
+    async def list_pages(self, prefix: str, *, splits: Sequence[str] = ()) -> AsyncIterator[Listing]:
+        """The entries under `prefix` page by page, all at the first page's revision, in time linear in their
+        number (`kvstore.ranges`): the prefix is read as sub-ranges (split at `splits`, and where a range holds much
+        more than a page, at every page's worth of its keys, found by one keys-only pass), so etcd never counts a
+        large remainder twice. The next page is asked for before the current one is handed out, so etcd produces
+        it while the caller decodes this one."""
+        ranges = deque(ranges_module.sub_ranges(prefix, splits))
+        current = ranges.popleft()
+        response = await self._range(prefix, current[0], current[1], 0)
         revision = int(response.header.revision)
         while True:
-            following: asyncio.Task[Any] | None = None
             if response.more and response.kvs:
-                following = asyncio.ensure_future(self._range(prefix, response.kvs[-1].key + b"\x00", end, revision))
+                rest = response.kvs[-1].key + b"\x00"
+                if response.count - len(response.kvs) > SPLIT_ABOVE:
+                    keys = await self._keys(prefix, rest, current[1], revision)
+                    bounds = [rest, *keys[LIST_PAGE_SIZE::LIST_PAGE_SIZE], current[1]]
+                    ranges.extendleft(reversed(list(itertools.pairwise(bounds))))
+                else:
+                    ranges.appendleft((rest, current[1]))
+            following: asyncio.Task[Any] | None = None
+            if ranges:
+                current = ranges.popleft()
+                following = asyncio.ensure_future(self._range(prefix, current[0], current[1], revision))
                 await asyncio.sleep(0)  # let the request go out now, before the caller works on this page
             try:
                 yield Listing([Entry(kv.key.decode(), kv.value, kv.mod_revision, kv.lease) for kv in response.kvs],

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from kvstore import errors
 from kvstore.backend import Delete, DeleteOp, Entry, Event, Listing, PutOp, Upsert, WriteOp
+from kvstore.ranges import sub_ranges
 
 __all__ = ["MemoryBackend"]
 
@@ -79,13 +80,19 @@ class MemoryBackend:
         self._check()
         return self._data.get(key)
 
-    async def list_prefix(self, prefix: str) -> Listing:
+    async def list_prefix(self, prefix: str, *, splits: Sequence[str] = ()) -> Listing:
         self._check()
         entries = [self._data[key] for key in sorted(self._data) if key.startswith(prefix)]
         return Listing([Entry(e.key, e.value, e.mod_revision, e.lease) for e in entries], self._revision)
 
-    async def list_pages(self, prefix: str) -> AsyncIterator[Listing]:
-        yield await self.list_prefix(prefix)
+    async def list_pages(self, prefix: str, *, splits: Sequence[str] = ()) -> AsyncIterator[Listing]:
+        """A page per sub-range (`kvstore.ranges.sub_ranges`), all at one revision, as etcd's split listing."""
+        self._check()
+        revision = self._revision
+        keys = sorted(key for key in self._data if key.startswith(prefix))
+        for start, end in sub_ranges(prefix, splits):
+            inside = [self._data[k] for k in keys if start <= k.encode() and (end == b"\x00" or k.encode() < end)]
+            yield Listing([Entry(e.key, e.value, e.mod_revision, e.lease) for e in inside], revision)
 
     async def _apply(self, ops: Sequence[WriteOp]) -> int:
         for op in ops:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from clustermesh.model.errors import InvalidValue, NotOwned
@@ -70,8 +70,12 @@ class WatchStore(Generic[T]):
         on_batch: Callable[[float], None] | None = None,
         on_rejected: Callable[[str, str], None] | None = None,
         admit: Admit[T] | None = None,
+        splits: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self.prefix = prefix
+        #: where the list may split this prefix (kvstore.ranges), asked at each list: e.g. the pod CIDRs of a
+        #: remote cluster's nodes for its ipcache
+        self.splits = splits
         self.decode = decode
         #: Raises `NotOwned` (held) or `InvalidValue` (rejected) for a decoded value that may not be used now.
         self.admit = admit
@@ -139,7 +143,8 @@ class WatchStore(Generic[T]):
         # list can tell which entries did not come back.
         bulk = getattr(self.observer, "on_upserts", None)
         first = not self.entries and not self.rejected  # nothing held: nothing can be stale, no need to track
-        async for listing in backend.list_pages(self.prefix):
+        splits = self.splits() if self.splits is not None else ()
+        async for listing in backend.list_pages(self.prefix, splits=splits):
             revision = listing.revision
             if bulk is None:
                 for entry in listing.entries:
