@@ -54,8 +54,8 @@ def _lab_name(positional: str | None, option: str | None) -> str:
               show_default=True)  # fmt: skip
 @click.option("--source", type=click.Choice(["standalone", "kubernetes"]), default="standalone",
               show_default=True,
-              help="Where each cluster's resources live: its etcd, or a stand-in Kubernetes API server per cluster "
-                   "(the apiserver and agents then run with --source kubernetes, each with its own token).")  # fmt: skip
+              help="Where each cluster's resources live: its etcd, or a stand-in Kubernetes API server per "
+                   "cluster (its apiserver and agents then run with --source kubernetes).")  # fmt: skip
 @click.option("--agent-arg", "agent_args", multiple=True, metavar="FLAG",
               help="A flag for every agent, as `--agent-arg=--policy-default-local-cluster=false`; repeat for more "
                    "(nodes added later get them too).")  # fmt: skip

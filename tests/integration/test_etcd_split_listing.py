@@ -62,7 +62,7 @@ async def test_a_split_listing_equals_the_whole_prefix_at_its_revision(
     splits = {
         "store": [],
         "cidrs": cidr_key_prefixes(prefix, ["10.1.0.0/16", "10.1.7.0/24", "10.1.40.0/24"]),
-        "random": sorted(rng.sample(keys, 40) + [prefix + "10.1.3", prefix + "zz"]),
+        "random": sorted([*rng.sample(keys, 40), prefix + "10.1.3", prefix + "zz"]),
         "outside": ["a", prefix[:-1], prefix + "\xff"],
     }[how]
     requests = recording(backend)
@@ -90,9 +90,8 @@ async def test_a_split_listing_under_concurrent_writes_is_one_snapshot(
         nonlocal writes
         rng = random.Random(7)
         while not stop.is_set():
-            key = rng.choice(keys)
-            await backend.commit([PutOp(key, b"changed"), DeleteOp(rng.choice(keys)),
-                                  PutOp(f"{prefix}10.9.{rng.randrange(256)}.{rng.randrange(256)}", b"new")])  # fmt: skip
+            new = f"{prefix}10.9.{rng.randrange(256)}.{rng.randrange(256)}"
+            await backend.commit([PutOp(rng.choice(keys), b"changed"), DeleteOp(rng.choice(keys)), PutOp(new, b"new")])
             writes += 1
 
     task = asyncio.create_task(writer())
