@@ -11,9 +11,9 @@
    entry beyond reading the keys (goal: at 1M within 1.2x of 100k).
 2. memory: traced Python memory held by the agent after the sync (its WatchStores and merged view), per entry:
    bytes_per_endpoint (goal <= 1.5 KiB).
-3. propagation: a writer in another process puts ipcache entries at 200 changes/s, each carrying its send time
-   (same host clock); the agent notes when each reaches its merged view. propagation_p50_ms, propagation_p99_ms
-   (goal p99 <= 50 ms on loopback).
+3. propagation: once the agent's view holds the N entries, a writer in another process puts ipcache entries at 200
+   changes/s, each carrying its send time (same host clock); the agent notes when each reaches its merged view.
+   propagation_p50_ms, propagation_p99_ms (goal p99 <= 50 ms on loopback; issue 14: <= 20 ms with 1M entries).
 
 Usage: python bench/agent.py [--quick] [--count N]. The last line is one JSON object of all figures.
 """
@@ -263,12 +263,14 @@ async def mesh_ready(mesh: Mesh) -> None:
 
 async def propagation(local: Cluster, remote: Cluster, config_dir: Path, seconds: float) -> list[float]:
     mesh = Mesh(LOCAL, local.config(f"agent-{LOCAL.name}"), config_dir, scan_interval=0.05, heartbeat_max_age=3600)
-    subscription = mesh.view.subscribe()
     delays: list[float] = []
     total = int(200 * seconds)
     task = asyncio.create_task(mesh.run())
     try:
-        await wait_while_running(mesh_ready(mesh), task, timeout=120, what="the agent's mesh getting ready")
+        await wait_while_running(mesh_ready(mesh), task, timeout=600, what="the agent's mesh getting ready")
+        # subscribed once the view holds every entry: what is measured is a change reaching a full view, not this
+        # probe working through the initial sync's million announcements first
+        subscription = mesh.view.subscribe()
         root = remote.config()
         code = WRITER.format(root=str(ROOT), url=root.endpoints[0],
                              ca=str(root.ca_file), cert=str(root.cert_file), key=str(root.key_file), rate=200,
