@@ -6,6 +6,9 @@ A running apiserver (in-process, standalone store, fresh etcd) receives N Cilium
   ipcache_s is the time from the first create until all N ipcache keys are in etcd (seen by a watcher);
 - `bulk`: the endpoints are written into the store's `registry/` in raw batched transactions (a bulk load);
   bulk_s is the time from the first write until all N ipcache keys are in etcd;
+- `start`: the store is bulk-loaded first, then the apiserver starts (issue 14): it lists the N objects (the
+  store's linear split listing) and publishes them; start_s is the time from its start until all N ipcache keys
+  are in etcd;
 - baseline: the same N ipcache keys and values written with raw batched transactions (128 per transaction,
   8 in flight), raw_s.
 
@@ -96,6 +99,38 @@ async def _watch_ipcache(backend: etcd.EtcdBackend, target: int) -> tuple[Counte
     return counter, task
 
 
+async def _bulk_load(backend: etcd.EtcdBackend, objects: list[Object]) -> None:
+    encoder = msgspec.json.Encoder()
+    semaphore = asyncio.Semaphore(8)
+
+    async def write(batch: list[Object]) -> None:
+        async with semaphore:
+            await backend.commit([PutOp(registry_key(ENDPOINT, o["metadata"]["name"], o["metadata"]["namespace"]),
+                                        encoder.encode(o)) for o in batch])  # fmt: skip
+
+    await asyncio.gather(*(write(objects[i : i + 128]) for i in range(0, len(objects), 128)))
+
+
+async def _start_from_loaded_store(config: EtcdConfig, objects: list[Object]) -> float:
+    """The store holds the N objects before the apiserver starts: from its start until every ipcache key is in."""
+    backend = await etcd.connect(config)
+    watcher_backend = await etcd.connect(config)
+    await _bulk_load(backend, objects)
+    counter, watching = await _watch_ipcache(watcher_backend, len(objects))
+    started = time.perf_counter()
+    apiserver = Apiserver(ApiserverConfig(CLUSTER), backend, StandaloneStore(backend))
+    running = asyncio.create_task(apiserver.run())
+    try:
+        await wait_while_running(counter.done.wait(), running, timeout=1200, what="the ipcache keys in etcd")
+        return time.perf_counter() - started
+    finally:
+        for task in (running, watching):
+            task.cancel()
+        await asyncio.gather(running, watching, return_exceptions=True)
+        await backend.close()
+        await watcher_backend.close()
+
+
 async def _with_apiserver(config: EtcdConfig, objects: list[Object], *, bulk: bool) -> tuple[float, float]:
     backend = await etcd.connect(config)
     watcher_backend = await etcd.connect(config)
@@ -107,21 +142,7 @@ async def _with_apiserver(config: EtcdConfig, objects: list[Object], *, bulk: bo
         await apiserver.ready.wait()
         started = time.perf_counter()
         if bulk:
-            encoder = msgspec.json.Encoder()
-            batches = [objects[i : i + 128] for i in range(0, len(objects), 128)]
-            semaphore = asyncio.Semaphore(8)
-
-            async def write(batch: list[Object]) -> None:
-                async with semaphore:
-                    await backend.commit(
-                        [
-                            PutOp(registry_key(ENDPOINT, o["metadata"]["name"], o["metadata"]["namespace"]),
-                                  encoder.encode(o))
-                            for o in batch
-                        ]
-                    )  # fmt: skip
-
-            await asyncio.gather(*(write(batch) for batch in batches))
+            await _bulk_load(backend, objects)
         else:
             semaphore = asyncio.Semaphore(IN_FLIGHT_APPLY)
 
@@ -181,17 +202,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round instead of three")
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--start-only",
+        action="store_true",
+        help="only the start from a bulk-loaded store, and the raw baseline (for large counts)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     objects = endpoints(args.count)
     print(f"{args.count} CiliumEndpoints (one IPv4 each), {rounds} round(s), each on a fresh etcd")
     base = Path(tempfile.mkdtemp(prefix="bench-apiserver-"))
-    results: dict[str, list[float]] = {"apply": [], "ipcache": [], "bulk": [], "raw": []}
+    results: dict[str, list[float]] = {"apply": [], "ipcache": [], "bulk": [], "start": [], "raw": []}
     try:
         pki = certs.create_cluster_pki(base / "pki", "bench")
         for number in range(rounds):
             with Etcd(base, pki, f"raw{number}") as server:
                 results["raw"].append(asyncio.run(_raw(server.config, objects)))
+            with Etcd(base, pki, f"start{number}") as server:
+                results["start"].append(asyncio.run(_start_from_loaded_store(server.config, objects)))
+            if args.start_only:
+                print(f"  round {number + 1}: raw {results['raw'][-1]:.2f} s, start from a bulk-loaded store -> "
+                      f"ipcache {results['start'][-1]:.2f} s", file=sys.stderr)  # fmt: skip
+                continue
             with Etcd(base, pki, f"apply{number}") as server:
                 applied, total = asyncio.run(_with_apiserver(server.config, objects, bulk=False))
                 results["apply"].append(applied)
@@ -205,10 +237,21 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    median = {name: statistics.median(values) for name, values in results.items()}
-    figures = {
+    median = {name: statistics.median(values) for name, values in results.items() if values}
+    figures: dict[str, float] = {
         "count": args.count,
         "raw_s": round(median["raw"], 3),
+        "start_s": round(median["start"], 3),
+        "start_ratio": round(median["start"] / median["raw"], 2),
+    }
+    if args.start_only:
+        print(
+            f"start from a store of {args.count} endpoints -> all ipcache keys in etcd: {figures['start_s']} s; "
+            f"raw batched writes of the keys: {figures['raw_s']} s -> start_ratio {figures['start_ratio']}"
+        )
+        print(json.dumps({"bench": "apiserver", **figures}))
+        return
+    figures |= {
         "apply_s": round(median["apply"], 3),
         "apply_per_s": round(args.count / median["apply"]),
         "ipcache_s": round(median["ipcache"], 3),
@@ -220,7 +263,8 @@ def main() -> None:
         f"apply {args.count} endpoints -> all ipcache keys in etcd: {figures['ipcache_s']} s "
         f"(apply alone {figures['apply_s']} s); raw batched writes of the keys: {figures['raw_s']} s "
         f"-> ipcache_ratio {figures['ipcache_ratio']}; bulk-loaded store -> keys {figures['bulk_s']} s "
-        f"-> ipcache_bulk_ratio {figures['ipcache_bulk_ratio']}"
+        f"-> ipcache_bulk_ratio {figures['ipcache_bulk_ratio']}; start from a loaded store -> keys "
+        f"{figures['start_s']} s -> start_ratio {figures['start_ratio']}"
     )
     print(json.dumps({"bench": "apiserver", **figures}))
 

@@ -46,7 +46,7 @@ __all__ = ["EtcdBackend", "connect"]
 
 log = logging.getLogger(__name__)
 
-LIST_PAGE_SIZE = 2000
+LIST_PAGE_SIZE = 5000  # measured (issue 14): 12% faster than 2,000 over 300k keys; a page is ~20 ms of work
 #: a range with more keys than this left after its first page is split by one keys-only pass (kvstore.ranges)
 SPLIT_ABOVE = 4 * LIST_PAGE_SIZE
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024

@@ -16,7 +16,7 @@ from kvstore.backend import DeleteOp, PutOp
 from kvstore.ranges import cidr_key_prefixes, prefix_end
 from tests.integration.conftest import EtcdCluster
 
-COUNT = 24_000
+COUNT = 60_000
 
 
 @pytest.fixture
