@@ -5,6 +5,8 @@ GET    /v1/view                      counts and keys of the merged view (for deb
 POST   /v1/endpoints                 {"namespace", "name", "labels", "ipv4", "ipv6"} -> the CiliumEndpoint
 DELETE /v1/endpoints/<ns>/<name>
 POST   /v1/cni/add|del|check         a PodRequest -> the CNI result, or an error
+POST   /v1/cni/exec                  ?command=&containerid=&netns=&ifname=&args=&config=: the CNI request as the shell
+                                     plugin of nodes without Python hands it over -> the CNI result or error document
 GET    /v1/flows                     ?since=N&last=N&wait=S: the flows numbered after N (Hubble's shape)
 GET    /v1/policy                    per local endpoint: its compiled rules and the policies they came from
 GET    /v1/services                  the load balancer's frontends and backends
