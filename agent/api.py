@@ -338,7 +338,11 @@ def routes(
         """The agent's own refusals (still starting, no datapath) as CNI error documents too."""
 
         async def cni_route(request: Request) -> Response:
-            status, content_type, body = await route(request)
+            try:
+                status, content_type, body = await route(request)
+            except Exception as exc:
+                log.exception("CNI %s failed", request.query.get("command", ""))
+                return _cni_error(500, cni.AGENT_FAILED, f"the agent failed: {type(exc).__name__}: {exc}")
             document = json.loads(body or b"null") if status != 200 else None
             if isinstance(document, dict) and "code" not in document:
                 refused = cni.refused(request.query.get("command", ""), status, document)

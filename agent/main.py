@@ -64,6 +64,7 @@ from clustermesh.resources.opening import open_resource_store
 from clustermesh.resources.store import ResourceError, ResourceStore
 from kvstore import errors, etcd
 from kvstore.config import EtcdConfig
+from kvstore.credentials import follow_credentials
 from kvstore.reconnecting import connect_until_up
 
 __all__ = ["Agent", "AgentSettings", "main"]
@@ -319,6 +320,8 @@ class Agent:
             self.endpoints = EndpointManager(store, self.allocator, node_ip=node_ip, pod_cidrs=self.settings.pod_cidrs,
                                              state_file=self.settings.state_dir / "endpoints.json")  # fmt: skip
             jobs: list[Coroutine[Any, Any, None]] = [
+                # this connection's certificates rotated in place, as the mesh's sessions take theirs up
+                follow_credentials(backend, what=f"the local etcd {config.describe()}"),
                 NodePublisher(store, self.node_spec()).run(),
                 EndpointKeeper(self.endpoints).run(),
                 self.allocator.run(),

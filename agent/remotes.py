@@ -347,7 +347,9 @@ class RemoteCluster:
             return
         try:
             reloaded = await backend.reload_credentials()
-        except errors.KVStoreError as exc:
+        except Exception as exc:
+            if not isinstance(exc, errors.KVStoreError):
+                exc = errors.BadTLSFiles(f"{type(exc).__name__}: {exc}")
             if str(exc) != str(self.credentials_error):
                 log.warning("cluster %s: the rotated certificate files are not taken up yet, the session goes on "
                             "with the ones it has: %s", self.name, exc)  # fmt: skip

@@ -37,8 +37,9 @@ from clustermesh.model.serviceips import ServiceIPPool
 from clustermesh.resources.opening import open_resource_store
 from clustermesh.resources.store import ResourceStore
 from kvstore import errors, etcd
-from kvstore.backend import Backend, ReloadsCredentials
+from kvstore.backend import Backend
 from kvstore.config import EtcdConfig, load_config_file
+from kvstore.credentials import follow_credentials
 from kvstore.leases import DEFAULT_TTL
 from kvstore.reconnecting import connect_until_up
 
@@ -127,7 +128,10 @@ async def run(settings: ApiserverSettings) -> None:
         apiserver = Apiserver(apiserver_config, backend, resources, registry=registry)
         phase.apiserver = apiserver
         log.info("publishing cluster %s (ID %d) from the %s store", cluster.name, cluster.id, settings.source)
-        following = asyncio.create_task(follow_credentials(backend, reloads), name="follow-credentials")
+        following = asyncio.create_task(
+            follow_credentials(backend, what=f"etcd {config.describe()}", on_result=lambda r: reloads.labels(r).inc()),
+            name="follow-credentials",
+        )
         try:
             await apiserver.run()
         finally:
@@ -139,27 +143,6 @@ async def run(settings: ApiserverSettings) -> None:
             await resources.close()  # a Kubernetes store's watch threads and connection pool
         if backend is not None:
             await backend.close()
-
-
-async def follow_credentials(backend: Backend, reloads: Counter, interval: float = 2.0) -> None:
-    """Rotated certificate files into the etcd connection, every write and watch kept; files that do not work yet
-    (half-written, refused) are said once, counted, and tried again while the connection goes on with its own."""
-    if not isinstance(backend, ReloadsCredentials):
-        return
-    said: str | None = None
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            if await backend.reload_credentials():
-                reloads.labels("ok").inc()
-                log.info("rotated etcd client certificates taken up, watches kept")
-            said = None
-        except errors.KVStoreError as exc:
-            if str(exc) != said:
-                reloads.labels("failed").inc()
-                log.warning("the rotated etcd certificate files are not taken up yet (going on with the current "
-                            "ones): %s", exc)  # fmt: skip
-            said = str(exc)
 
 
 async def run_until_signalled(settings: ApiserverSettings) -> None:

@@ -43,11 +43,21 @@ class CertPaths:
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Replace `path` with `data` in one rename; the file has `mode` from its first byte on."""
+    """Replace `path` with `data` in one rename; the file has `mode` from its first byte on. A file that exists
+    keeps its owner and mode (a rotation must not lock out the process that reads it, e.g. etcd as user etcd)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        existing: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        existing = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, mode)
+        if existing is not None:
+            os.fchmod(fd, existing.st_mode & 0o7777)
+            if (existing.st_uid, existing.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, existing.st_uid, existing.st_gid)
+        else:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

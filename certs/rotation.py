@@ -223,7 +223,8 @@ def add_ca(
         files.write_atomic(path, _bundle_pem([new.certificate, *certificates]), mode=files.CERT_MODE)
         report.trust_files.append(path)
     for found in authorities:
-        # the key first: a reader sees the new issuing CA next to its key, or the old pair
+        # the key first, then the bundle: between the two renames a reader may see the new key beside the old
+        # certificate (readers check that a key is its certificate's: `certs rotate` refuses, etcd clients wait)
         files.write_atomic(found.paths.key, files.key_pem(new.key), mode=files.KEY_MODE)
         files.write_atomic(found.paths.cert, _bundle_pem([new.certificate, *bundle]), mode=files.CERT_MODE)
         report.authorities.append(found.paths.cert)

@@ -47,6 +47,8 @@ __all__ = ["EtcdBackend", "connect"]
 log = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 5000  # measured (issue 14): 12% faster than 2,000 over 300k keys; a page is ~20 ms of work
+#: a key every user of the mesh may read (root, admin-*, agent-*, remote-*): new credentials are tried on it
+PROBE_KEY = "cilium/state/"
 #: a range with more keys than this left after its first page is split by one keys-only pass (kvstore.ranges)
 SPLIT_ABOVE = 4 * LIST_PAGE_SIZE
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -198,6 +200,8 @@ class EtcdBackend:
         self._watches: set[Any] = set()  # the watch calls on the current channel: moved when the channel changes
         self._moved: set[Any] = set()  # calls cancelled by a move (their watch goes on, on the new channel)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._old_channels: set[grpc.aio.Channel] = set()
+        self._closed = False
         self._use(_channel(config, material))
 
     def _use(self, channel: grpc.aio.Channel) -> None:
@@ -213,23 +217,27 @@ class EtcdBackend:
         """Take up rotated TLS files without losing a watch; True when new credentials are now in use.
 
         gRPC fixes a channel's credentials when it is made, so new files mean a new channel. It is tried first
-        (a status call): files etcd refuses, or that do not load, raise and the current channel goes on. Then every
+        (a read that etcd authorises as the new certificate's user: every user of the mesh may read
+        `cilium/state/`): files etcd refuses, or that do not load, raise and the current channel goes on. Then every
         call starts on the new channel; each open watch is moved to it and resumes right after the last revision
         it delivered, so its reader sees no gap and no error. The old channel is closed once the calls still on it
         have had time to end.
         """
-        if probing.files_unchanged(self.config, self._material):
+        if self._closed or probing.files_unchanged(self.config, self._material):
             return False
         material = probing.load_material(self.config)
         if material.fingerprint == self._material.fingerprint:
             return False
         channel = _channel(self.config, material)
         try:
-            with _translating("status with the new credentials", user=material.client_common_name):
-                await MaintenanceService(channel, max_attempts=1).status(timeout=self.config.dial_timeout)
+            with _translating("a read with the new credentials", user=material.client_common_name):
+                await KVService(channel, max_attempts=1).get(PROBE_KEY, timeout=self.config.dial_timeout)
         except BaseException:
             await channel.close()
             raise
+        if self.closed:  # the session ended meanwhile
+            await channel.close()
+            return False
         old_channel, old_watches = self._channel, self._watches
         self._material, self.user, self._watches = material, material.client_common_name, set()
         self._use(channel)
@@ -243,15 +251,27 @@ class EtcdBackend:
                  self.config.describe(), self.user, len(old_watches))  # fmt: skip
         return True
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def _retire(self, channel: grpc.aio.Channel) -> None:
-        await channel.close(grace=max(self.timeout, 60.0))  # the longest call (a list) may finish on it
+        self._old_channels.add(channel)
+        try:
+            await channel.close(grace=max(self.timeout, 60.0))  # the longest call (a list) may finish on it
+        finally:
+            self._old_channels.discard(channel)
 
     def __repr__(self) -> str:
         return f"<EtcdBackend {self.config.describe()} as {self.user}>"
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._retiring):
             task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for channel in self._old_channels:
+            await channel.close()  # no grace left: the backend is closing
         await self._channel.close()
 
     async def __aenter__(self) -> EtcdBackend:
@@ -410,16 +430,22 @@ class EtcdBackend:
                     if batch is None:
                         moved = True
                         continue
+                    if isinstance(batch, int):  # a progress notification: nothing of ours up to that revision
+                        next_revision = max(next_revision, batch + 1)
+                        continue
                     next_revision = batch[-1].revision + 1
                     yield batch
             if not moved:
                 return
 
-    async def _watch_once(self, prefix: str, start_revision: int) -> AsyncGenerator[list[Event] | None, None]:
-        """One watch call; yields None (and ends) when `reload_credentials` moved it to a new channel."""
+    async def _watch_once(self, prefix: str, start_revision: int) -> AsyncGenerator[list[Event] | int | None, None]:
+        """One watch call: batches of events; a revision (int) for each progress notification etcd sends a synced
+        watcher (every ten minutes by default), so a watch moved to new credentials resumes from a revision the
+        history still holds on a quiet prefix; None (and the end) when `reload_credentials` moved it."""
         create = pb.WatchCreateRequest(
-            key=prefix.encode(), range_end=prefix_range_end(prefix), start_revision=start_revision
-        )
+            key=prefix.encode(), range_end=prefix_range_end(prefix), start_revision=start_revision,
+            progress_notify=True,
+        )  # fmt: skip
 
         finished = asyncio.Event()
 
@@ -438,6 +464,8 @@ class EtcdBackend:
                         if response.canceled:
                             self._raise_cancelled(prefix, response.cancel_reason)
                         if not response.events:
+                            if not response.created:
+                                yield int(response.header.revision)
                             continue
                         batch: list[Event] = []
                         for event in response.events:

@@ -56,7 +56,7 @@ def _pki_files(pki: Path, cluster: str) -> dict[str, Path]:
 @click.option("--endpoint", default=None,
               help=f"Its etcd as agents and peers reach it (default: the context's first endpoint's host, port "
                    f"{ETCD_PORT}).")  # fmt: skip
-@click.option("--routing", type=click.Choice(["vxlan", "wireguard", "ipsec", "native"]), default="vxlan",
+@click.option("--routing", type=click.Choice(["vxlan", "wireguard", "native"]), default="vxlan",
               show_default=True)  # fmt: skip
 @click.option("--max-connected-clusters", type=click.Choice(["255", "511"]), default="255", show_default=True)
 @click.option("--namespace", default="kube-system", show_default=True)

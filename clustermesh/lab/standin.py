@@ -16,10 +16,14 @@ kinds), `Kind.collection_path(namespace)` and `.../<name>`:
   (200 with the object, or a 404 Status); objects are validated with `clustermesh.model.validation` (422 Invalid),
   get a uid, a creationTimestamp and a resourceVersion from one global counter.
 
-Not implemented: authentication, PATCH, subresources, label and field selectors, resourceVersionMatch, deletion
-options, namespaces that must exist before their objects (the real server refuses an object in a missing one).
-
 Also GET of one core Node (`/api/v1/nodes/<name>`) from `nodes`, and of one Pod from `pods`: dicts the test fills.
+With `grants`, bearer tokens in RBAC's shape (401 for an unknown token, 403 for a write of a kind the token may not
+write); with `service_ips`, Services get a ClusterIP on create as from kube-apiserver (an explicit one already
+held: 422). `python -m clustermesh.lab.standin` runs one for a lab cluster (`serve_lab`).
+
+Not implemented: other authentication, PATCH, subresources, label and field selectors, resourceVersionMatch,
+deletion options, namespaces that must exist before their objects (the real server refuses an object in a missing
+one).
 
 Test controls: `compact()`, `break_watches()` (the connections drop mid-stream), `end_watches()` (the streams end
 cleanly, as at the server's timeout), `bookmark()`, `fail_next(code, reason)` (answer the next request with that
@@ -50,7 +54,13 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from clustermesh.model.errors import ModelError
 from clustermesh.model.kinds import KINDS, Kind, Object, kind_by_name
-from clustermesh.model.serviceips import PoolExhausted, ServiceIPPool, keep_cluster_ip, needs_cluster_ip
+from clustermesh.model.serviceips import (
+    PoolExhausted,
+    ServiceIPPool,
+    cluster_ip,
+    keep_cluster_ip,
+    needs_cluster_ip,
+)
 from clustermesh.model.validation import InvalidObject, validate_object
 
 __all__ = ["StandinAPIServer", "StandinRequest"]
@@ -583,12 +593,21 @@ class StandinAPIServer:
                 f'{_resource(kind)} "{key[1]}" already exists',
                 {"name": key[1], "group": kind.group, "kind": kind.plural},
             )
-        if kind.name == "Service" and self.service_ips is not None and needs_cluster_ip(obj):
-            try:  # as kube-apiserver does: the next free address of its --service-cluster-ip-range
-                address = self.service_ips.allocate(f"{key[0]}/{key[1]}")
-            except PoolExhausted as exc:
-                raise _status(422, "Invalid", str(exc)) from None
-            obj.setdefault("spec", {}).update({"clusterIP": address, "clusterIPs": [address]})
+        if kind.name == "Service" and self.service_ips is not None:
+            owner = f"{key[0]}/{key[1]}"
+            asked = cluster_ip(obj)
+            if needs_cluster_ip(obj):
+                try:  # as kube-apiserver does: the next free address of its --service-cluster-ip-range
+                    address = self.service_ips.allocate(owner)
+                except PoolExhausted as exc:
+                    raise _status(422, "Invalid", str(exc)) from None
+                obj.setdefault("spec", {}).update({"clusterIP": address, "clusterIPs": [address]})
+            elif asked is not None and asked in self.service_ips:
+                holder = self.service_ips.holders.get(asked)
+                if holder is not None and holder != owner:
+                    raise _status(422, "Invalid", f"spec.clusterIP: Invalid value: {asked!r}: provided IP is already "
+                                                  f"allocated (to {holder})")  # fmt: skip
+                self.service_ips.note(owner, asked)
         metadata["uid"] = str(uuid.uuid4())
         metadata["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._commit(kind, key, obj, "ADDED")

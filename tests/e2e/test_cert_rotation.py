@@ -180,7 +180,7 @@ def test_every_certificate_rotated_under_traffic_and_churn_with_no_restart_and_n
         wait_until("charon has the node's new certificate", charon_has_it, timeout=30)
         for cluster in ("c1", "c2"):
             log = (STATE / "logs" / f"apiserver-{cluster}.log").read_text()
-            assert "rotated etcd client certificates taken up" in log, log[-2000:]
+            assert "rotated certificates taken up" in log, log[-2000:]
 
         wait_until("c1's agent sees both pods added around the rotation, through its watch of c2",
                    lambda: (endpoints_seen(lab, "c1-node-1", "c2") >= seen_before + 2,

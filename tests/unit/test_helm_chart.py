@@ -77,7 +77,7 @@ def container(workload: dict[str, Any], name: str, init: bool = False) -> dict[s
     return found
 
 
-@pytest.mark.parametrize("routing", ["vxlan", "wireguard", "ipsec", "native"])
+@pytest.mark.parametrize("routing", ["vxlan", "wireguard", "native"])
 def test_every_rendered_object_is_valid_for_kubernetes(pki: certs.ClusterPKI, routing: str) -> None:
     documents = render(pki, "--set", f"routingMode={routing}", *REMOTE_C2, crds=True)
     kinds = sorted({doc["kind"] for doc in documents})
@@ -114,15 +114,15 @@ def test_the_apiserver_runs_with_its_etcd_as_non_root_and_initialises_the_users_
 
 
 def test_the_agent_is_a_privileged_host_network_daemonset_that_installs_the_cni_plugin(pki: certs.ClusterPKI) -> None:
-    documents = render(pki, "--set", "routingMode=ipsec", "--set", "maxConnectedClusters=511")
+    documents = render(pki, "--set", "routingMode=wireguard", "--set", "maxConnectedClusters=511")
     daemonset = one(documents, "DaemonSet", "clustermesh-agent")
     spec = daemonset["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True and spec["tolerations"] == [{"operator": "Exists"}]
     agent = container(daemonset, "agent")
     assert agent["securityContext"]["privileged"] is True
     flags = agent["command"]
-    for flag in ("--datapath=ipsec", "--max-connected-clusters=511", "--pod-cidr=from-node", "--source=kubernetes",
-                 f"--kvstore-endpoints={ENDPOINT}", "--ipsec-cert=/etc/clustermesh/agent-tls/tls.crt"):  # fmt: skip
+    for flag in ("--datapath=wireguard", "--max-connected-clusters=511", "--pod-cidr=from-node",
+                 "--source=kubernetes", f"--kvstore-endpoints={ENDPOINT}"):  # fmt: skip
         assert flag in flags, flags
     install = container(daemonset, "install-cni", init=True)
     assert "/host/opt/cni/bin/clustermesh-cni" in install["args"][0]
@@ -157,6 +157,8 @@ def test_remote_clusters_given_as_files_are_rendered_in_ciliums_format(pki: cert
         (["--set", "cluster.id=512"], "cluster.id"),
         (["--set", "cluster.name=Bad_Name"], "cluster.name"),
         (["--set", "routingMode=gre"], "routingMode"),
+        (["--set", "routingMode=ipsec"], "routingMode"),  # no per-node IKE certificates from the chart
+        (["--set-string", "tls.ca.key=-----BEGIN PRIVATE KEY-----"], "tls.ca"),  # the CA key never goes in
         (["--set", "maxConnectedClusters=300"], "maxConnectedClusters"),
         (["--set", "kvstore.endpoint=http://plain:2379"], "kvstore.endpoint"),
     ],

@@ -148,3 +148,22 @@ def test_certs_rotate_refuses_unclear_requests(pki: Path, args: list[str], error
 def test_certs_rotate_of_a_folder_without_a_ca_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["certs", "rotate", "--dir", str(tmp_path)])
     assert result.exit_code == 1 and "holds a CA" in result.output, result.output
+
+
+def test_a_rotated_file_keeps_its_owner_and_mode(pki: Path) -> None:
+    """etcd running as its own user reads its key at every handshake: a rotation must not take that away."""
+    import os
+
+    key = pki / "c1" / "pki" / "server.key"
+    os.chmod(key, 0o640)
+    owner = (1, 1) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+    if os.geteuid() == 0:
+        os.chown(key, *owner)
+    before = key.read_bytes()
+    rotation.rotate([pki])
+    assert key.read_bytes() != before
+    assert stat.S_IMODE(key.stat().st_mode) == 0o640
+    assert (key.stat().st_uid, key.stat().st_gid) == owner
+    fresh = pki / "c1-node-1" / "new.key"
+    certs.write_atomic(fresh, b"x", mode=0o600)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600, "a new file gets the mode asked for"
