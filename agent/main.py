@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import signal
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,8 +431,8 @@ class Agent:
                 self.dns = None
         if self.enforcer is not None and self.loaded is not None and self.flows is not None:
             jobs.append(self.enforcer.run())
-            jobs.append(self._follow_flows(self.loaded, self.flows))
-            jobs.append(self._follow_sock_events(self.loaded, self.flows))
+            jobs.append(self._follow_ring(self.loaded.events_path, self.flows.add))
+            jobs.append(self._follow_ring(self.loaded.sock_events_path, self.flows.add_sock))
         try:
             await run_together(jobs)
         finally:
@@ -450,21 +450,13 @@ class Agent:
                 log.info("flow service: new connections use the rotated certificates")
 
     @staticmethod
-    async def _follow_flows(loaded: Loaded, flows: FlowLog) -> None:
-        reader = RingReader.pinned(str(loaded.events_path))
+    async def _follow_ring(path: Path, add: Callable[[list[bytes]], None]) -> None:
+        """A ring buffer's records (the datapath's flows, the socket load balancer's translations) into the flow
+        log, as they come."""
+        reader = RingReader.pinned(str(path))
         try:
             async for batch in follow_records(reader):
-                flows.add(batch)
-        finally:
-            reader.close()
-
-    @staticmethod
-    async def _follow_sock_events(loaded: Loaded, flows: FlowLog) -> None:
-        """The socket load balancer's translations, as flows that name the Service and the chosen backend."""
-        reader = RingReader.pinned(str(loaded.sock_events_path))
-        try:
-            async for batch in follow_records(reader):
-                flows.add_sock(batch)
+                add(batch)
         finally:
             reader.close()
 

@@ -111,6 +111,14 @@ async def _bulk_load(backend: etcd.EtcdBackend, objects: list[Object]) -> None:
     await asyncio.gather(*(write(objects[i : i + 128]) for i in range(0, len(objects), 128)))
 
 
+async def _stop(running: asyncio.Task[None], watching: asyncio.Task[None], *backends: etcd.EtcdBackend) -> None:
+    for task in (running, watching):
+        task.cancel()
+    await asyncio.gather(running, watching, return_exceptions=True)
+    for backend in backends:
+        await backend.close()
+
+
 async def _start_from_loaded_store(config: EtcdConfig, objects: list[Object]) -> float:
     """The store holds the N objects before the apiserver starts: from its start until every ipcache key is in."""
     backend = await etcd.connect(config)
@@ -124,11 +132,7 @@ async def _start_from_loaded_store(config: EtcdConfig, objects: list[Object]) ->
         await wait_while_running(counter.done.wait(), running, timeout=1200, what="the ipcache keys in etcd")
         return time.perf_counter() - started
     finally:
-        for task in (running, watching):
-            task.cancel()
-        await asyncio.gather(running, watching, return_exceptions=True)
-        await backend.close()
-        await watcher_backend.close()
+        await _stop(running, watching, backend, watcher_backend)
 
 
 async def _with_apiserver(config: EtcdConfig, objects: list[Object], *, bulk: bool) -> tuple[float, float]:
@@ -155,11 +159,7 @@ async def _with_apiserver(config: EtcdConfig, objects: list[Object], *, bulk: bo
         await wait_while_running(counter.done.wait(), running, timeout=600, what="the ipcache keys in etcd")
         return applied, time.perf_counter() - started
     finally:
-        for task in (running, watching):
-            task.cancel()
-        await asyncio.gather(running, watching, return_exceptions=True)
-        await backend.close()
-        await watcher_backend.close()
+        await _stop(running, watching, backend, watcher_backend)
 
 
 async def _raw(config: EtcdConfig, objects: list[Object]) -> float:
